@@ -1,0 +1,10 @@
+"""Triton kernels of leedl_fast, installed as ``leedl_fast.kernels``.
+
+Triton only: ``@triton.jit`` kernels and the launchers that size their grids.
+No ``nn.Module``, no autograd and no device policy here; ``leedl_fast.ops``
+checks arguments, picks the path and wraps these in autograd.  Each file is
+one op family: ``softmax.py``, ``attention.py``, ``noising.py``.
+
+Importing a submodule imports Triton, so ``leedl_fast.ops`` imports them
+lazily, only when the Triton path is chosen.
+"""

@@ -1,0 +1,148 @@
+"""Softmax along one dimension: reference, torch path, Triton path, autograd.
+
+    softmax(z)_i = exp(z_i) / sum_j exp(z_j)
+
+The template every op of the library follows:
+
+* ``softmax_reference`` is the spec: plain PyTorch, written for clarity.
+* ``_softmax_torch`` / ``_softmax_backward_torch`` are the CPU fallback:
+  fp32 math whatever the storage dtype, the same function as the kernel.
+* ``leedl_fast.kernels.softmax`` holds the Triton kernels, imported only when
+  the Triton path runs.
+* ``leedl_fast::softmax`` and ``leedl_fast::softmax_backward`` are torch
+  custom ops with fake (meta) implementations and a registered autograd
+  formula, so ``torch.compile(fullgraph=True)`` traces through them and
+  ``torch.library.opcheck`` passes.
+* ``softmax`` checks its arguments, raising ValueError before anything runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend
+from ._common import check_dim, check_tensor
+
+__all__ = ["softmax", "softmax_reference"]
+
+
+def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The definition, in the input's dtype (use float64 inputs for a reference)."""
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with ``dim`` moved last, as a 2-D (rows, n) tensor with unit column stride."""
+    x = x.movedim(dim, -1)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _empty_result(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The layout every implementation returns: contiguous with ``dim`` last, moved back."""
+    moved = x.movedim(dim, -1)
+    return torch.empty(moved.shape, dtype=dtype, device=x.device).movedim(-1, dim)
+
+
+def _softmax_torch(x: torch.Tensor, dim: int) -> torch.Tensor:
+    out = _empty_result(x, dim, x.dtype)
+    out.copy_(torch.softmax(x, dim=dim, dtype=torch.float32) if x.dtype != torch.float64 else torch.softmax(x, dim=dim))
+    return out
+
+
+def _softmax_backward_torch(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yf, dyf = y.to(acc), dy.to(acc)
+    dx = yf * (dyf - (yf * dyf).sum(dim=dim, keepdim=True))
+    out = _empty_result(y, dim, y.dtype)
+    out.copy_(dx)
+    return out
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.dtype != torch.float64 and backend.select("softmax", x) == "triton"
+
+
+@torch.library.custom_op("leedl_fast::softmax", mutates_args=())
+def _softmax_op(x: torch.Tensor, dim: int) -> torch.Tensor:
+    if x.numel() == 0 or not _use_triton(x):
+        return _softmax_torch(x, dim)
+    from leedl_fast.kernels.softmax import softmax_fwd
+
+    out = _empty_result(x, dim, x.dtype)
+    softmax_fwd(_as_rows(x, dim), out=out.movedim(dim, -1).reshape(-1, x.shape[dim]))
+    return out
+
+
+@_softmax_op.register_fake
+def _(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return _empty_result(x, dim, x.dtype)
+
+
+@torch.library.custom_op("leedl_fast::softmax_backward", mutates_args=())
+def _softmax_backward_op(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    if y.numel() == 0 or not _use_triton(y):
+        return _softmax_backward_torch(y, dy, dim)
+    from leedl_fast.kernels.softmax import softmax_bwd
+
+    out = _empty_result(y, dim, y.dtype)
+    softmax_bwd(_as_rows(y, dim), _as_rows(dy, dim), out=out.movedim(dim, -1).reshape(-1, y.shape[dim]))
+    return out
+
+
+@_softmax_backward_op.register_fake
+def _(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    return _empty_result(y, dim, y.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, dim = inputs
+    ctx.save_for_backward(output)
+    ctx.dim = dim
+
+
+def _backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return _softmax_backward_op(y, dy.to(y.dtype), ctx.dim), None
+
+
+torch.library.register_autograd("leedl_fast::softmax", _backward, setup_context=_setup_context)
+
+
+def _setup_context_bwd(ctx, inputs, output):
+    y, dy, dim = inputs
+    ctx.save_for_backward(y, dy)
+    ctx.dim = dim
+
+
+def _double_backward(ctx, ddx):
+    # dx = y*(dy - s), s = sum(y*dy).  Differentiating gives, with g = ddx:
+    #   d/ddy = y*(g - sum(y*g));   d/dy = g*(dy - s) - dy*sum(y*g)
+    y, dy = ctx.saved_tensors
+    dim = ctx.dim
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yf, dyf, g = y.to(acc), dy.to(acc), ddx.to(acc)
+    s = (yf * dyf).sum(dim, keepdim=True)
+    sg = (yf * g).sum(dim, keepdim=True)
+    return (g * (dyf - s) - dyf * sg).to(y.dtype), (yf * (g - sg)).to(dy.dtype), None
+
+
+torch.library.register_autograd("leedl_fast::softmax_backward", _double_backward, setup_context=_setup_context_bwd)
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim``: ``exp(x_i) / sum_j exp(x_j)``, as ``torch.softmax``.
+
+    Any shape, any ``dim``, non-contiguous inputs; float16, bfloat16 and float32
+    are computed in float32 and returned in the input's dtype (float64 stays
+    float64 and always takes the torch path).  Differentiable (twice).  Runs the
+    Triton kernel for CUDA tensors (see ``leedl_fast.backend``), PyTorch
+    otherwise.  A row that is all ``-inf`` gives NaN, as ``torch.softmax`` does.
+    """
+    check_tensor("x", x)
+    dim = check_dim("dim", dim, x.dim())
+    if x.dim() == 0:
+        return torch.ones_like(x)
+    return _softmax_op(x, dim)

@@ -1,0 +1,120 @@
+"""Counter-based random numbers that match Triton's ``tl.rand`` / ``tl.randn``.
+
+Every op that draws random numbers inside a kernel (attention dropout,
+diffusion noise) keys them by ``(seed, offset)``: the seed is one integer per
+call and the offset is the element's linear index.  This module is a
+pure-PyTorch port of the Philox-4x32-10 generator that Triton 3.x ships in
+``triton/language/random.py`` (Salmon et al., "Parallel random numbers: as easy
+as 1, 2, 3", SC'11), so the torch path of an op reproduces the kernel's random
+numbers exactly and a seed gives the same noise on CPU and GPU.
+
+What Triton does, and what this port reproduces bit for bit:
+
+* the 64-bit seed is the key ``(k0, k1) = (seed & 0xffffffff, seed >> 32)``;
+* a 64-bit offset is the counter ``(c0, c1, c2, c3) = (lo32, hi32, 0, 0)``;
+* ten rounds of Philox with the 32-bit constants;
+* ``rand``: the first output word, read as int32, folded to ``x < 0 ? -x-1 : x``
+  and multiplied by 4.6566127342e-10 in float32, giving [0, 1);
+* ``randn``: Box-Muller on the first two words (``u1`` clamped at 1e-7), cosine
+  branch.
+
+All arithmetic is done in int64 tensors holding 32-bit values, so it runs on any
+device torch supports and never relies on signed-overflow behaviour.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["philox_uniform", "philox_normal", "philox_randint4x", "MAX_SEED"]
+
+MAX_SEED = 2**63 - 1
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_N_ROUNDS = 10
+_UNIFORM_SCALE = 4.6566127342e-10  # largest s with (2**31 - 1) * s < 1 in float32
+_TWO_PI = 6.283185307179586
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of a constant ``a`` and ``b``.
+
+    Split into 16-bit halves so that no intermediate leaves int64's range.
+    """
+    ah, al = a >> 16, a & 0xFFFF
+    bh, bl = b >> 16, b & 0xFFFF
+    low = al * bl
+    mid = ah * bl + al * bh + (low >> 16)
+    hi = ah * bh + (mid >> 16)
+    lo = ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+    return hi & _MASK32, lo
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return seed
+
+
+def _check_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(offsets, torch.Tensor):
+        raise ValueError("offsets must be an integer torch.Tensor")
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise ValueError(f"offsets must be an integer tensor, got dtype {offsets.dtype}")
+    return offsets.to(torch.int64)
+
+
+def philox_randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four 32-bit Philox output words for each offset, as int64 in [0, 2**32).
+
+    Equal to ``tl.randint4x(seed, offsets)`` with ``offsets`` an int64 block.
+    """
+    seed = _check_seed(seed)
+    off = _check_offsets(offsets)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = off & _MASK32
+    c1 = (off >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_N_ROUNDS):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    x = torch.where(x >= 2**31, x - 2**32, x)  # read the word as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 numbers in [0, 1): bit-identical to ``tl.rand(seed, offsets)``.
+
+    ``seed`` is an int in [0, 2**63 - 1]; ``offsets`` any integer tensor (values
+    used as int64). The result has the shape and device of ``offsets``.
+    """
+    c0, _, _, _ = philox_randint4x(seed, offsets)
+    return _uint_to_uniform(c0)
+
+
+def philox_normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 numbers: ``tl.randn(seed, offsets)`` to within float32 rounding
+    of the transcendental functions (the tests check 1e-6)."""
+    c0, c1, _, _ = philox_randint4x(seed, offsets)
+    u1 = torch.clamp_min(_uint_to_uniform(c0), 1.0e-7)
+    u2 = _uint_to_uniform(c1)
+    th = u2 * torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th)
