@@ -11,7 +11,7 @@ setup(
     # kernels/ is installed as the subpackage leedl_fast.kernels, never as a top-level "kernels".
     packages=[
         "leedl_fast", "leedl_fast.ops", "leedl_fast.nn", "leedl_fast.diffusion", "leedl_fast.gan",
-        "leedl_fast.cli", "leedl_fast.kernels",
+        "leedl_fast.cli", "leedl_fast.bench", "leedl_fast.bench.cases", "leedl_fast.kernels",
     ],
     package_dir={"leedl_fast": "leedl_fast", "leedl_fast.kernels": "kernels"},
     install_requires=[
