@@ -6,7 +6,8 @@ The template every op of the library follows:
 
 * ``softmax_reference`` is the spec: plain PyTorch, written for clarity.
 * ``_softmax_torch`` / ``_softmax_backward_torch`` are the CPU fallback:
-  fp32 math whatever the storage dtype, the same function as the kernel.
+  torch's native kernels with fp32 math whatever the storage dtype, the same
+  function as the Triton kernel.  Every path returns a contiguous tensor.
 * ``leedl_fast.kernels.softmax`` holds the Triton kernels, imported only when
   the Triton path runs.
 * ``leedl_fast::softmax`` and ``leedl_fast::softmax_backward`` are torch
@@ -40,24 +41,33 @@ def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     return rows
 
 
-def _empty_result(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The layout every implementation returns: contiguous with ``dim`` last, moved back."""
-    moved = x.movedim(dim, -1)
-    return torch.empty(moved.shape, dtype=dtype, device=x.device).movedim(-1, dim)
+def _empty_result(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The layout every implementation returns: contiguous, like ``torch.softmax`` of a contiguous input."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
 def _softmax_torch(x: torch.Tensor, dim: int) -> torch.Tensor:
-    out = _empty_result(x, dim, x.dtype)
-    out.copy_(torch.softmax(x, dim=dim, dtype=torch.float32) if x.dtype != torch.float64 else torch.softmax(x, dim=dim))
-    return out
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.softmax(x, dim=dim).contiguous()
+    return torch.softmax(x, dim=dim, dtype=torch.float32).to(x.dtype).contiguous()
 
 
 def _softmax_backward_torch(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    yf, dyf = y.to(acc), dy.to(acc)
-    dx = yf * (dyf - (yf * dyf).sum(dim=dim, keepdim=True))
-    out = _empty_result(y, dim, y.dtype)
-    out.copy_(dx)
+    # dx = y * (dy - sum(y * dy)), torch's native kernel, in fp32 for half inputs.
+    if y.dtype in (torch.float32, torch.float64):
+        return torch._softmax_backward_data(dy, y, dim, y.dtype).contiguous()
+    dx = torch._softmax_backward_data(dy.float(), y.float(), dim, torch.float32)
+    return dx.to(y.dtype).contiguous()
+
+
+def _rows_to(out: torch.Tensor, dim: int, rows_fn) -> torch.Tensor:
+    """Run a row kernel on ``out``'s layout: in place when ``dim`` is last, via a moved copy otherwise."""
+    if dim == out.dim() - 1:
+        rows_fn(out.view(-1, out.shape[-1]))
+    else:
+        moved = torch.empty(out.movedim(dim, -1).shape, dtype=out.dtype, device=out.device)
+        rows_fn(moved.view(-1, moved.shape[-1]))
+        out.copy_(moved.movedim(-1, dim))
     return out
 
 
@@ -71,14 +81,13 @@ def _softmax_op(x: torch.Tensor, dim: int) -> torch.Tensor:
         return _softmax_torch(x, dim)
     from leedl_fast.kernels.softmax import softmax_fwd
 
-    out = _empty_result(x, dim, x.dtype)
-    softmax_fwd(_as_rows(x, dim), out=out.movedim(dim, -1).reshape(-1, x.shape[dim]))
-    return out
+    rows = _as_rows(x, dim)
+    return _rows_to(_empty_result(x, x.dtype), dim, lambda out: softmax_fwd(rows, out=out))
 
 
 @_softmax_op.register_fake
 def _(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return _empty_result(x, dim, x.dtype)
+    return _empty_result(x, x.dtype)
 
 
 @torch.library.custom_op("leedl_fast::softmax_backward", mutates_args=())
@@ -87,14 +96,13 @@ def _softmax_backward_op(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.T
         return _softmax_backward_torch(y, dy, dim)
     from leedl_fast.kernels.softmax import softmax_bwd
 
-    out = _empty_result(y, dim, y.dtype)
-    softmax_bwd(_as_rows(y, dim), _as_rows(dy, dim), out=out.movedim(dim, -1).reshape(-1, y.shape[dim]))
-    return out
+    y_rows, dy_rows = _as_rows(y, dim), _as_rows(dy, dim)
+    return _rows_to(_empty_result(y, y.dtype), dim, lambda out: softmax_bwd(y_rows, dy_rows, out=out))
 
 
 @_softmax_backward_op.register_fake
 def _(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
-    return _empty_result(y, dim, y.dtype)
+    return _empty_result(y, y.dtype)
 
 
 def _setup_context(ctx, inputs, output):

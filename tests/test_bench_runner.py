@@ -1,0 +1,54 @@
+"""The benchmark runner and bench/gpu_suite.py, exercised on the CPU (nothing here is timed)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leedl_fast.bench import runner
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"op", "mode", "dtype", "shape", "causal", "window", "peer", "ours_ms", "peer_ms", "speedup"}
+
+
+def test_softmax_quick_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEEDL_FAST_BACKEND", "torch")
+    report = runner.run(quick=True, ops=["softmax"], out=tmp_path, checks=False, device="cpu", log=lambda m: None)
+    data = json.loads(Path(report["files"][0]).read_text())
+    assert {"device", "torch", "triton", "date", "ceilings", "results"} <= set(data)
+    assert data["results"], "no result rows"
+    for row in data["results"]:
+        assert REQUIRED <= set(row), row
+        assert row["op"] == "softmax" and row["mode"] in ("fwd", "fwd+bwd") and row["dtype"] == "fp32"
+        assert row["ours_ms"] > 0 and row["peer_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["peer_ms"] / row["ours_ms"])
+        assert row["gbps"] > 0
+    assert "| softmax |" in Path(report["files"][1]).read_text()
+
+
+def test_unknown_op_and_bad_out(tmp_path):
+    with pytest.raises(ValueError, match="unknown op"):
+        runner.run(quick=True, ops=["nope"], out=tmp_path, checks=False, device="cpu", log=lambda m: None)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        runner.run(quick=True, ops=["softmax"], out=f, checks=False, device="cpu", log=lambda m: None)
+
+
+def test_gpu_suite_help_and_no_gpu():
+    help_ = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "--quick" in help_.stdout
+    import torch
+
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py")], capture_output=True, text=True)
+        assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+def test_softmax_check_runs_on_cpu_interpreter(triton_path):
+    """The GPU suite's correctness check for softmax, run here on the interpreter (fp32/fp16 only matter)."""
+    from leedl_fast.bench.cases import softmax as case
+
+    results = [r for r in case.check(triton_path) if r.dtype != "bf16"]
+    assert results and all(r.ok for r in results), results
