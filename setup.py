@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="leedl_fast",
@@ -9,10 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ is installed as the subpackage leedl_fast.kernels, never as a top-level "kernels".
-    packages=[
-        "leedl_fast", "leedl_fast.ops", "leedl_fast.nn", "leedl_fast.diffusion", "leedl_fast.gan",
-        "leedl_fast.cli", "leedl_fast.bench", "leedl_fast.bench.cases", "leedl_fast.kernels",
-    ],
+    packages=find_packages(include=["leedl_fast", "leedl_fast.*"]) + ["leedl_fast.kernels"],
     package_dir={"leedl_fast": "leedl_fast", "leedl_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
