@@ -1,0 +1,756 @@
+"""Fused softmax attention, forward and backward: dense, causal and banded in one kernel family.
+
+    S = scale * Q K^T,  P = softmax(S masked to the band and the key padding),
+    O = dropout(P) V,   lse_i = log sum_j exp(S_ij)  (natural log, over visible keys)
+
+for q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D) with Hq a multiple of Hkv (grouped-
+query attention: query head h reads key/value head h // (Hq // Hkv); k and v are
+never copied).  The layout is that of ``torch.nn.functional.scaled_dot_product_attention``.
+
+The band.  Query i sits at key position i + (Nk - Nq) (bottom-right aligned, as
+in FlashAttention-2); key j is visible iff
+
+    (left  == -1 or j >= i + (Nk - Nq) - left) and
+    (right == -1 or j <= i + (Nk - Nq) + right) and not key_padding_mask[b, j].
+
+Causal attention is ``right = 0``.  The band is the loop bounds: every program
+computes, from its own block of rows (or keys), the first and last key (or query)
+block that can hold a visible pair, and never visits a block outside that range,
+in the forward pass and in both backward loops.  Within the range, blocks in
+which every pair is visible run an unmasked loop body; only the blocks that cut
+the band edges, the key/query tail and (when given) the padding mask pay for a
+mask.  Dense attention with lengths that are multiples of the block and no
+padding mask therefore runs with no masking at all.  ``count_blocks=True``
+returns the number of blocks each program visited, so tests can check this.
+
+The algorithm is FlashAttention-2 (Tri Dao, "FlashAttention-2: Faster Attention
+with Better Parallelism and Work Partitioning", 2023):
+
+* forward: one program per (query block, head, batch); an online softmax keeps
+  the running row max m and row sum l of exp(S - m) and rescales the fp32
+  accumulator, so no N x N buffer exists.  Exponentials are exp2 with log2(e)
+  folded into the softmax scale.  A row with no visible key ends with l = 0 and
+  is written as o = 0, lse = -inf (the -inf - -inf cases are guarded, no NaN).
+* backward, deterministic, no atomics: a preprocess computes
+  delta_i = rowsum(dO_i * O_i) (which equals rowsum(P * dP) also with dropout);
+  one kernel per key block accumulates dK and dV over the query blocks of its band
+  and over the Hq/Hkv query heads that share the key/value head; one kernel per
+  query block accumulates dQ over the key blocks of its band.  P is recomputed
+  from the saved lse.
+
+Dropout acts on the normalised probabilities: P_ij is kept iff
+``tl.rand(seed, ((b*Hq + h)*Nq + i)*Nk + j) >= dropout_p`` (int64 offsets), kept
+values scaled by 1/(1 - dropout_p); the backward regenerates the same numbers.
+``leedl_fast.random.philox_uniform`` reproduces them bit for bit in PyTorch.
+
+Precision: fp16/bf16/fp32 inputs, fp32 accumulation and softmax statistics.  For
+fp32 inputs ``tl.dot`` uses TF32 tensor-core products on the GPU (10-bit
+mantissa, Triton's default ``input_precision="tf32"``); the Triton interpreter
+computes them in full fp32.  Head dims 16..256 of any size: the head dim is
+padded to the next power of two inside the kernel (masked loads and stores on d).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_fwd", "attention_bwd", "launch_configs", "LOG2E"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(base, offs_r, n_rows, stride_r, offs_d,
+               CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``offs_r`` of a (rows, HEAD_DIM) matrix with unit stride along d, zero-padded to BLOCK_D."""
+    # Row offsets in int64: rows * stride may pass 2**31 for permuted layouts.
+    ptrs = base + (offs_r.to(tl.int64) * stride_r)[:, None] + offs_d[None, :]      # [R, BLOCK_D]
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            t = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return t
+
+
+@triton.jit
+def _store_tile(base, value, offs_r, n_rows, stride_r, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = base + (offs_r.to(tl.int64) * stride_r)[:, None] + offs_d[None, :]      # [R, BLOCK_D]
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, value, mask=offs_r[:, None] < n_rows)
+    else:
+        tl.store(ptrs, value, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_block_range(row_first, row_last, seq_k, window_left, window_right,
+                     BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key blocks for the query rows at (shifted) positions row_first..row_last.
+
+    Returns (lo, hi, full_lo, full_hi): keys [lo, hi) hold every visible key of these
+    rows (lo block-aligned); the blocks in [full_lo, full_hi) are visible to every row
+    and lie inside [0, seq_k).  Integer divisions only see non-negative operands
+    (the interpreter floors, the compiler truncates)."""
+    lo = row_first * 0
+    hi = lo + seq_k
+    full_lo = lo
+    full_hi = (hi // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        lo = (tl.maximum(row_first - window_left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = ((tl.maximum(row_last - window_left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.maximum(row_last + window_right + 1, 0), seq_k)
+        full_hi = tl.minimum(full_hi, (tl.maximum(row_first + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    return lo, hi, full_lo, full_hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_inner(
+    acc, l_i, m_i, n_visited, q,
+    k_base, v_base, kpm_base, stride_kn, stride_vn,
+    offs_m, offs_d, start, end, seq_k, shift, window_left, window_right,
+    qk_scale, rng_rows, dropout_p, seed,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)                                                 # [BLOCK_N]
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0                                                  # [BLOCK_N]
+        k = _load_tile(k_base, offs_n, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                      # [BLOCK_M, BLOCK_N] log2 units
+        if MASKED:
+            visible = offs_n[None, :] < seq_k                                       # [1, BLOCK_N]
+            if HAS_LEFT:
+                visible = visible & (offs_n[None, :] >= (offs_m + shift - window_left)[:, None])   # [BLOCK_M, BLOCK_N]
+            if HAS_RIGHT:
+                visible = visible & (offs_n[None, :] <= (offs_m + shift + window_right)[:, None])  # [BLOCK_M, BLOCK_N]
+            if HAS_KPM:
+                pad = tl.load(kpm_base + offs_n, mask=offs_n < seq_k, other=1)      # [BLOCK_N]
+                visible = visible & (pad == 0)[None, :]
+            s = tl.where(visible, s, -float("inf"))                                 # [BLOCK_M, BLOCK_N]
+        elif HAS_KPM:
+            pad = tl.load(kpm_base + offs_n)                                        # [BLOCK_N]
+            s = tl.where((pad == 0)[None, :], s, -float("inf"))                     # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))                                       # [BLOCK_M]
+        if MASKED or HAS_KPM:
+            # A row that has seen no visible key yet keeps m = -inf: subtract 0 instead
+            # so that exp2(-inf - -inf) never makes a NaN (p and alpha come out 0).
+            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)                    # [BLOCK_M]
+        else:
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])                                             # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_sub)                                                # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(p, 1)                                            # [BLOCK_M]
+        acc = acc * alpha[:, None]                                                  # [BLOCK_M, BLOCK_D]
+        if DROPOUT:
+            r = tl.rand(seed, rng_rows[:, None] + offs_n[None, :])                  # [BLOCK_M, BLOCK_N]
+            p = tl.where(r >= dropout_p, p, 0.0)                                    # [BLOCK_M, BLOCK_N]
+        v = _load_tile(v_base, offs_n, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(p.to(v.dtype), v, acc)                                         # [BLOCK_M, BLOCK_D]
+        m_i = m_new
+        n_visited += 1
+    return acc, l_i, m_i, n_visited
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr, count_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_kpmb,
+    n_heads, group, seq_q, seq_k,
+    qk_scale, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    COUNT_BLOCKS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if HAS_RIGHT and not HAS_LEFT:
+        # Causal-like: later query blocks visit more keys; launch them first.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    hk = h // group
+    b64 = b.to(tl.int64)
+    q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    kpm_base = kpm_ptr + b64 * stride_kpmb
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)                                        # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
+    q = _load_tile(q_base, offs_m, seq_q, stride_qm, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+
+    shift = seq_k - seq_q
+    row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
+    lo, hi, full_lo, full_hi = _key_block_range(start_m + shift, row_last, seq_k, window_left, window_right,
+                                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    rng_rows = ((b64 * n_heads + h) * seq_q + offs_m) * seq_k                       # [BLOCK_M] int64
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)                             # [BLOCK_M] running max (log2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                                           # [BLOCK_M] running sum
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                                  # [BLOCK_M, BLOCK_D]
+    n_visited = 0
+    # Leading edge of the band: masked.
+    acc, l_i, m_i, n_visited = _attention_fwd_inner(
+        acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
+        offs_m, offs_d, lo, tl.minimum(full_lo, hi), seq_k, shift, window_left, window_right,
+        qk_scale, rng_rows, dropout_p, seed,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+    # Interior: every pair visible, no band mask.
+    acc, l_i, m_i, n_visited = _attention_fwd_inner(
+        acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
+        offs_m, offs_d, full_lo, full_hi, seq_k, shift, window_left, window_right,
+        qk_scale, rng_rows, dropout_p, seed,
+        BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+    # Trailing edge of the band and the key tail: masked.
+    acc, l_i, m_i, n_visited = _attention_fwd_inner(
+        acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
+        offs_m, offs_d, tl.maximum(full_lo, full_hi), hi, seq_k, shift, window_left, window_right,
+        qk_scale, rng_rows, dropout_p, seed,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+
+    # Rows with no visible key: l = 0 -> o = 0, lse = -inf.
+    empty = l_i == 0.0                                                              # [BLOCK_M]
+    l_safe = tl.where(empty, 1.0, l_i)                                              # [BLOCK_M]
+    if DROPOUT:
+        inv_l = (1.0 / (1.0 - dropout_p)) / l_safe                                  # [BLOCK_M]
+    else:
+        inv_l = 1.0 / l_safe                                                        # [BLOCK_M]
+    o = acc * inv_l[:, None]                                                        # [BLOCK_M, BLOCK_D]
+    o_base = o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), offs_m, seq_q, stride_om, offs_d, HEAD_DIM, BLOCK_D)
+    lse = tl.where(empty, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M] natural log
+    row = (b64 * n_heads + h) * seq_q
+    tl.store(lse_ptr + row + offs_m, lse, mask=offs_m < seq_q)
+    if COUNT_BLOCKS:
+        tl.store(count_ptr + (b64 * n_heads + h) * tl.num_programs(0) + pid_m, n_visited)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    n_heads, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O); lse2 = lse * log2(e), +inf for rows with no visible key
+    (so that exp2(s - lse2) is 0 for them instead of a NaN)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b64 = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
+    o = _load_tile(o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh, offs_m, seq_q, stride_om, offs_d,
+                   True, HEAD_DIM, BLOCK_D).to(tl.float32)                          # [BLOCK_M, BLOCK_D]
+    do = _load_tile(do_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh, offs_m, seq_q, stride_dom, offs_d,
+                    True, HEAD_DIM, BLOCK_D).to(tl.float32)                         # [BLOCK_M, BLOCK_D]
+    delta = tl.sum(o * do, 1)                                                       # [BLOCK_M]
+    row = (b64 * n_heads + h) * seq_q
+    mask = offs_m < seq_q
+    lse = tl.load(lse_ptr + row + offs_m, mask=mask, other=0.0)                     # [BLOCK_M]
+    lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)   # [BLOCK_M]
+    tl.store(delta_ptr + row + offs_m, delta, mask=mask)
+    tl.store(lse2_ptr + row + offs_m, lse2, mask=mask)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(
+    dk, dv, n_visited, k, v, pad_ok,
+    q_base, do_base, lse2_base, delta_base, stride_qm, stride_dom,
+    offs_n, offs_d, start, end, seq_q, seq_k, shift, window_left, window_right,
+    qk_scale, rng_head, dropout_p, seed,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + offs_m0                                                  # [BLOCK_M]
+        q = _load_tile(q_base, offs_m, seq_q, stride_qm, offs_d, MASKED, HEAD_DIM, BLOCK_D)     # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_base, offs_m, seq_q, stride_dom, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+        if MASKED:
+            # Rows past seq_q: lse2 = +inf makes their p exactly 0.
+            lse2 = tl.load(lse2_base + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)          # [BLOCK_M]
+        else:
+            lse2 = tl.load(lse2_base + offs_m)                                      # [BLOCK_M]
+            delta = tl.load(delta_base + offs_m)                                    # [BLOCK_M]
+        s_t = tl.dot(k, tl.trans(q))                                                # [BLOCK_N, BLOCK_M]
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])                               # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            visible = offs_m[None, :] < seq_q                                       # [1, BLOCK_M]
+            if HAS_LEFT:
+                visible = visible & (offs_n[:, None] >= (offs_m + shift - window_left)[None, :])   # [BLOCK_N, BLOCK_M]
+            if HAS_RIGHT:
+                visible = visible & (offs_n[:, None] <= (offs_m + shift + window_right)[None, :])  # [BLOCK_N, BLOCK_M]
+            if HAS_KPM:
+                visible = visible & pad_ok[:, None]
+            p_t = tl.where(visible, p_t, 0.0)                                       # [BLOCK_N, BLOCK_M]
+        elif HAS_KPM:
+            p_t = tl.where(pad_ok[:, None], p_t, 0.0)                               # [BLOCK_N, BLOCK_M]
+        dp_t = tl.dot(v, tl.trans(do))                                              # [BLOCK_N, BLOCK_M]
+        if DROPOUT:
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            r = tl.rand(seed, (rng_head + offs_m.to(tl.int64) * seq_k)[None, :] + offs_n[:, None])  # [BLOCK_N, BLOCK_M]
+            keep = r >= dropout_p
+            dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv)  # [BLOCK_N, BLOCK_D]
+            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)                             # [BLOCK_N, BLOCK_M]
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv)                                   # [BLOCK_N, BLOCK_D]
+        ds_t = p_t * (dp_t - delta[None, :])                                        # [BLOCK_N, BLOCK_M]
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)                                        # [BLOCK_N, BLOCK_D]
+        n_visited += 1
+    return dk, dv, n_visited
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, count_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_kpmb,
+    n_heads, group, seq_q, seq_k,
+    qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    COUNT_BLOCKS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)                                        # [BLOCK_N]
+    offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
+    k = _load_tile(k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, seq_k, stride_kn, offs_d,
+                   True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
+    v = _load_tile(v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, seq_k, stride_vn, offs_d,
+                   True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
+    if HAS_KPM:
+        pad = tl.load(kpm_ptr + b64 * stride_kpmb + offs_n, mask=offs_n < seq_k, other=1)  # [BLOCK_N]
+        pad_ok = pad == 0
+    else:
+        pad_ok = offs_n < seq_k
+
+    # Query i (key position i + shift) sees key j iff j - right <= i + shift <= j + left.
+    # Keys past seq_k need no mask here: their dk/dv rows are computed and dropped.
+    shift = seq_k - seq_q
+    key_last = tl.minimum(start_n + BLOCK_N, seq_k) - 1
+    lo = start_n * 0
+    hi = lo + seq_q
+    full_lo = lo
+    full_hi = (hi // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:
+        lo = (tl.maximum(start_n - window_right - shift, 0) // BLOCK_M) * BLOCK_M
+        full_lo = ((tl.maximum(key_last - window_right - shift, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(tl.maximum(key_last + window_left - shift + 1, 0), seq_q)
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_n + window_left - shift + 1, 0) // BLOCK_M) * BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                   # [BLOCK_N, BLOCK_D]
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                   # [BLOCK_N, BLOCK_D]
+    n_visited = 0
+    for g in range(0, group):
+        h = hk * group + g
+        h64 = h.to(tl.int64)
+        q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
+        do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
+        row = (b64 * n_heads + h64) * seq_q
+        rng_head = row * seq_k
+        dk, dv, n_visited = _attention_bwd_dkdv_inner(
+            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
+            offs_n, offs_d, lo, tl.minimum(full_lo, hi), seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+        dk, dv, n_visited = _attention_bwd_dkdv_inner(
+            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
+            offs_n, offs_d, full_lo, full_hi, seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+        dk, dv, n_visited = _attention_bwd_dkdv_inner(
+            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
+            offs_n, offs_d, tl.maximum(full_lo, full_hi), hi, seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+
+    dk_base = dk_ptr + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
+    dv_base = dv_ptr + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
+    _store_tile(dk_base, (dk * sm_scale).to(dk_ptr.dtype.element_ty), offs_n, seq_k, stride_dkn, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), offs_n, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
+    if COUNT_BLOCKS:
+        n_kv_heads = tl.num_programs(1)
+        tl.store(count_ptr + (b64 * n_kv_heads + hk) * tl.num_programs(0) + pid_n, n_visited)
+
+
+@triton.jit
+def _attention_bwd_dq_inner(
+    dq, n_visited, q, do, lse2, delta,
+    k_base, v_base, kpm_base, stride_kn, stride_vn,
+    offs_m, offs_d, start, end, seq_k, shift, window_left, window_right,
+    qk_scale, rng_rows, dropout_p, seed,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)                                                 # [BLOCK_N]
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0                                                  # [BLOCK_N]
+        k = _load_tile(k_base, offs_n, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, offs_n, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k))                                                  # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(s * qk_scale - lse2[:, None])                                   # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = offs_n[None, :] < seq_k                                       # [1, BLOCK_N]
+            if HAS_LEFT:
+                visible = visible & (offs_n[None, :] >= (offs_m + shift - window_left)[:, None])   # [BLOCK_M, BLOCK_N]
+            if HAS_RIGHT:
+                visible = visible & (offs_n[None, :] <= (offs_m + shift + window_right)[:, None])  # [BLOCK_M, BLOCK_N]
+            if HAS_KPM:
+                pad = tl.load(kpm_base + offs_n, mask=offs_n < seq_k, other=1)      # [BLOCK_N]
+                visible = visible & (pad == 0)[None, :]
+            p = tl.where(visible, p, 0.0)                                           # [BLOCK_M, BLOCK_N]
+        elif HAS_KPM:
+            pad = tl.load(kpm_base + offs_n)                                        # [BLOCK_N]
+            p = tl.where((pad == 0)[None, :], p, 0.0)                               # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, tl.trans(v))                                                # [BLOCK_M, BLOCK_N]
+        if DROPOUT:
+            r = tl.rand(seed, rng_rows[:, None] + offs_n[None, :])                  # [BLOCK_M, BLOCK_N]
+            dp = tl.where(r >= dropout_p, dp * (1.0 / (1.0 - dropout_p)), 0.0)      # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])                                              # [BLOCK_M, BLOCK_N]
+        dq = tl.dot(ds.to(k.dtype), k, dq)                                          # [BLOCK_M, BLOCK_D]
+        n_visited += 1
+    return dq, n_visited
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, kpm_ptr, count_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_kpmb,
+    n_heads, group, seq_q, seq_k,
+    qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    COUNT_BLOCKS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if HAS_RIGHT and not HAS_LEFT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    hk = h // group
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)                                        # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
+    q = _load_tile(q_ptr + b64 * stride_qb + h64 * stride_qh, offs_m, seq_q, stride_qm, offs_d,
+                   True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_M, BLOCK_D]
+    do = _load_tile(do_ptr + b64 * stride_dob + h64 * stride_doh, offs_m, seq_q, stride_dom, offs_d,
+                    True, HEAD_DIM, BLOCK_D)                                        # [BLOCK_M, BLOCK_D]
+    row = (b64 * n_heads + h64) * seq_q
+    lse2 = tl.load(lse2_ptr + row + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
+    delta = tl.load(delta_ptr + row + offs_m, mask=offs_m < seq_q, other=0.0)        # [BLOCK_M]
+    k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    kpm_base = kpm_ptr + b64 * stride_kpmb
+    rng_rows = (row + offs_m) * seq_k                                               # [BLOCK_M] int64
+
+    shift = seq_k - seq_q
+    row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
+    lo, hi, full_lo, full_hi = _key_block_range(start_m + shift, row_last, seq_k, window_left, window_right,
+                                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                                   # [BLOCK_M, BLOCK_D]
+    n_visited = 0
+    dq, n_visited = _attention_bwd_dq_inner(
+        dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
+        offs_m, offs_d, lo, tl.minimum(full_lo, hi), seq_k, shift, window_left, window_right,
+        qk_scale, rng_rows, dropout_p, seed,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+    dq, n_visited = _attention_bwd_dq_inner(
+        dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
+        offs_m, offs_d, full_lo, full_hi, seq_k, shift, window_left, window_right,
+        qk_scale, rng_rows, dropout_p, seed,
+        BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+    dq, n_visited = _attention_bwd_dq_inner(
+        dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
+        offs_m, offs_d, tl.maximum(full_lo, full_hi), hi, seq_k, shift, window_left, window_right,
+        qk_scale, rng_rows, dropout_p, seed,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+    dq_base = dq_ptr + b64 * stride_dqb + h64 * stride_dqh
+    _store_tile(dq_base, (dq * sm_scale).to(dq_ptr.dtype.element_ty), offs_m, seq_q, stride_dqm, offs_d, HEAD_DIM, BLOCK_D)
+    if COUNT_BLOCKS:
+        tl.store(count_ptr + (b64 * n_heads + h64) * tl.num_programs(0) + pid_m, n_visited)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).  Keyed by the padded head dim and by
+# "16" (fp16/bf16) or "32" (fp32: twice the bytes per tile, so smaller tiles).
+# The first entry of a list is the default; on CUDA the lists are autotuned once per
+# (head dim, flags, dtype) — every entry is compiled by tests/kernels/test_attention_compile.py.
+# BLOCK_M is the same within a list so that count_blocks' shape does not depend on the tuner.
+_FWD = {
+    (16, "16"): [(128, 64, 4, 3), (128, 128, 8, 3)],
+    (32, "16"): [(128, 64, 4, 3), (128, 128, 8, 3)],
+    (64, "16"): [(128, 64, 4, 3), (128, 128, 8, 3)],
+    (128, "16"): [(128, 64, 8, 3), (128, 128, 8, 3)],
+    (256, "16"): [(64, 64, 4, 2)],
+    (16, "32"): [(64, 64, 4, 2)],
+    (32, "32"): [(64, 64, 4, 2)],
+    (64, "32"): [(64, 64, 4, 2)],
+    (128, "32"): [(64, 32, 4, 2)],
+    (256, "32"): [(32, 32, 4, 2)],
+}
+# dK/dV kernel: BLOCK_N keys per program, BLOCK_M queries per step.
+_BWD_DKDV = {
+    (16, "16"): [(32, 128, 4, 3)],
+    (32, "16"): [(32, 128, 4, 3)],
+    (64, "16"): [(32, 128, 4, 3)],
+    (128, "16"): [(32, 128, 8, 3)],
+    (256, "16"): [(32, 64, 8, 2)],
+    (16, "32"): [(32, 64, 4, 2)],
+    (32, "32"): [(32, 64, 4, 2)],
+    (64, "32"): [(32, 64, 4, 2)],
+    (128, "32"): [(32, 64, 4, 2)],
+    (256, "32"): [(16, 32, 4, 2)],
+}
+# dQ kernel: BLOCK_M queries per program, BLOCK_N keys per step.
+_BWD_DQ = {
+    (16, "16"): [(128, 32, 4, 3)],
+    (32, "16"): [(128, 32, 4, 3)],
+    (64, "16"): [(128, 32, 4, 3)],
+    (128, "16"): [(128, 32, 8, 3)],
+    (256, "16"): [(64, 32, 8, 2)],
+    (16, "32"): [(64, 32, 4, 2)],
+    (32, "32"): [(64, 32, 4, 2)],
+    (64, "32"): [(64, 32, 4, 2)],
+    (128, "32"): [(64, 32, 4, 2)],
+    (256, "32"): [(32, 16, 4, 2)],
+}
+_PRE_BLOCK_M = 64
+# Under the interpreter one fixed small configuration (unequal blocks, so that the band
+# arithmetic is exercised with BLOCK_M != BLOCK_N): (BLOCK_M, BLOCK_N).
+_INTERP_FWD = (32, 16)
+_INTERP_DKDV = (16, 32)
+_INTERP_DQ = (32, 16)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "32" if dtype == torch.float32 else "16"
+
+
+def launch_configs() -> list[dict]:
+    """Every shipped configuration: one dict per (kernel, padded head dim, dtype kind, tile choice)
+    with keys kernel, block_d, dtype ("16" = fp16/bf16, "32" = fp32), BLOCK_M, BLOCK_N, num_warps,
+    num_stages."""
+    out = []
+    for kernel, table in (("_attention_fwd_kernel", _FWD), ("_attention_bwd_dkdv_kernel", _BWD_DKDV),
+                          ("_attention_bwd_dq_kernel", _BWD_DQ)):
+        for (block_d, kind), cfgs in table.items():
+            for bm, bn, w, s in cfgs:
+                out.append({"kernel": kernel, "block_d": block_d, "dtype": kind, "BLOCK_M": bm, "BLOCK_N": bn,
+                            "num_warps": w, "num_stages": s})
+    for block_d in (16, 32, 64, 128, 256):
+        out.append({"kernel": "_attention_bwd_preprocess_kernel", "block_d": block_d, "dtype": "any",
+                    "BLOCK_M": _PRE_BLOCK_M, "BLOCK_N": 0, "num_warps": 4, "num_stages": 1})
+    return out
+
+
+_TUNED: dict = {}
+
+
+def _launcher(kernel, table, key, tag):
+    """The kernel to launch and its fixed meta-parameters (empty when autotuned)."""
+    cfgs = table[key]
+    if len(cfgs) == 1:
+        bm, bn, w, s = cfgs[0]
+        return kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    tkey = (tag, key)
+    if tkey not in _TUNED:
+        # Tuned once per (head dim, flags, dtypes); lengths are deliberately not in the key.
+        _TUNED[tkey] = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cfgs],
+            key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "DROPOUT"],
+        )(kernel)
+    return _TUNED[tkey], {}
+
+
+def _prep(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _kpm(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, 0, False  # any pointer; never read
+    m = key_padding_mask
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8) if m.stride(-1) == 1 else m.contiguous().view(torch.uint8)
+    else:
+        m = (m != 0).to(torch.uint8)
+    if m.stride(-1) != 1:
+        m = m.contiguous()
+    return m, m.stride(0), True
+
+
+def _check_common(q, k, v, left, right):
+    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, N, D)"
+    B, Hq, Nq, D = q.shape
+    assert k.shape[0] == B and v.shape[:3] == k.shape[:3] and k.shape[3] == D and v.shape[3] == D
+    assert Hq % k.shape[1] == 0, "Hq must be a multiple of Hkv"
+    assert 16 <= D <= 256, "head dim must be in [16, 256]"
+    assert left >= -1 and right >= -1
+    return B, Hq, k.shape[1], Nq, k.shape[2], D
+
+
+def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_mask, dropout_p: float, seed: int,
+                  count_blocks: bool = False, _blocks: tuple | None = None):
+    """Forward pass.  q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); any strides.
+
+    Returns ``(o, lse)``: o (B, Hq, Nq, D) contiguous in q's dtype, lse (B, Hq, Nq) float32,
+    the natural-log logsumexp of ``scale * q.k`` over the visible keys (before dropout),
+    -inf (with o = 0) for a row with no visible key.  With ``count_blocks=True`` a third
+    tensor (B, Hq, ceil(Nq / BLOCK_M)) int32 gives the key blocks each program visited.
+    ``left``/``right`` = -1 mean unbounded; ``seed`` keys the dropout Philox stream.
+    ``_blocks=(BLOCK_M, BLOCK_N)`` overrides the tile choice (tests only)."""
+    B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    o = torch.empty((B, Hq, Nq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
+    dropout = dropout_p > 0.0
+    if q.is_cuda and _blocks is None:
+        kernel, meta = _launcher(_attention_fwd_kernel, _FWD, (block_d, _kind(q.dtype)), "fwd")
+        block_m = _FWD[(block_d, _kind(q.dtype))][0][0]
+    else:
+        block_m, block_n = _blocks or _INTERP_FWD
+        kernel, meta = _attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    n_mblocks = triton.cdiv(Nq, block_m)
+    counts = torch.empty((B, Hq, n_mblocks), device=q.device, dtype=torch.int32) if count_blocks else lse
+    if B * Hq * Nq == 0:
+        return (o, lse, counts) if count_blocks else (o, lse)
+    grid = (n_mblocks, Hq, B)
+    kernel[grid](
+        q, k, v, o, lse, kpm, counts,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        stride_kpmb,
+        Hq, Hq // Hkv, Nq, Nk,
+        float(scale) * LOG2E, int(left), int(right), float(dropout_p), int(seed),
+        HEAD_DIM=D, BLOCK_D=block_d,
+        HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
+        COUNT_BLOCKS=count_blocks, **meta,
+    )
+    return (o, lse, counts) if count_blocks else (o, lse)
+
+
+def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, key_padding_mask,
+                  dropout_p: float, seed: int, count_blocks: bool = False, _blocks: tuple | None = None):
+    """Backward pass of :func:`attention_fwd` given its ``o`` and ``lse``.
+
+    Returns ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v; dk/dv are summed over
+    the query heads of each key/value group.  Deterministic (no atomics).  With
+    ``count_blocks=True`` also returns the blocks visited by each dQ program
+    (B, Hq, ceil(Nq / BLOCK_M_dq)) and by each dK/dV program (B, Hkv, ceil(Nk / BLOCK_N_dkdv)),
+    the latter summed over the group's query heads.
+    ``_blocks=((dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N))`` overrides the tiles (tests only)."""
+    B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
+    q, k, v, do, o = _prep(q), _prep(k), _prep(v), _prep(do), _prep(o)
+    lse = lse.contiguous()
+    dq = torch.empty((B, Hq, Nq, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, Hkv, Nk, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, Hkv, Nk, D), device=q.device, dtype=v.dtype)
+    block_d = max(16, triton.next_power_of_2(D))
+    kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
+    dropout = dropout_p > 0.0
+    key = (block_d, _kind(q.dtype))
+    if q.is_cuda and _blocks is None:
+        kdkdv, mdkdv = _launcher(_attention_bwd_dkdv_kernel, _BWD_DKDV, key, "dkdv")
+        kdq, mdq = _launcher(_attention_bwd_dq_kernel, _BWD_DQ, key, "dq")
+        bn_dkdv = _BWD_DKDV[key][0][1]
+        bm_dq = _BWD_DQ[key][0][0]
+    else:
+        (bm1, bn1), (bm2, bn2) = _blocks or (_INTERP_DKDV, _INTERP_DQ)
+        kdkdv, mdkdv = _attention_bwd_dkdv_kernel, {"BLOCK_M": bm1, "BLOCK_N": bn1}
+        kdq, mdq = _attention_bwd_dq_kernel, {"BLOCK_M": bm2, "BLOCK_N": bn2}
+        bn_dkdv, bm_dq = bn1, bm2
+    n_dq = triton.cdiv(Nq, bm_dq)
+    n_dkdv = triton.cdiv(Nk, bn_dkdv)
+    if count_blocks:
+        cnt_dq = torch.empty((B, Hq, n_dq), device=q.device, dtype=torch.int32)
+        cnt_dkdv = torch.empty((B, Hkv, n_dkdv), device=q.device, dtype=torch.int32)
+    else:
+        cnt_dq = cnt_dkdv = lse
+    if B * Hq * Nq == 0 or Nk == 0:
+        if Nk == 0 and B * Hq * Nq > 0:
+            dq.zero_()
+        return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)
+
+    delta = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, _PRE_BLOCK_M), Hq, B)](
+        o, do, lse, delta, lse2,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        Hq, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M, num_warps=4,
+    )
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm,
+                  DROPOUT=dropout, COUNT_BLOCKS=count_blocks)
+    scalars = (Hq, Hq // Hkv, Nq, Nk, float(scale) * LOG2E, float(scale), int(left), int(right),
+               float(dropout_p), int(seed))
+    kdkdv[(n_dkdv, Hkv, B)](
+        q, k, v, do, lse2, delta, dk, dv, kpm, cnt_dkdv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        stride_kpmb, *scalars, **common, **mdkdv,
+    )
+    kdq[(n_dq, Hq, B)](
+        q, k, v, do, lse2, delta, dq, kpm, cnt_dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        stride_kpmb, *scalars, **common, **mdq,
+    )
+    return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)
