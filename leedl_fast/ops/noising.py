@@ -1,0 +1,606 @@
+"""Diffusion noising ops: forward process, noise-prediction loss, DDPM / DDIM reverse steps.
+
+    q_sample:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                     (Ho et al. 2020, eq. 4)
+    loss:      mean((pred - target)^2), target = eps | v | x0,
+               v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0                      (Salimans & Ho 2022, sec. 4)
+    DDPM step: x_{t'} = mu(x0_hat, x_t) + sigma z                               (Ho et al. 2020, eqs. 7, 15)
+    DDIM step: x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - s^2) eps_hat + s z   (Song et al. 2021, eq. 12)
+
+The noise of element ``i`` (flat index of the contiguous tensor) for a seed ``s``
+is ``philox_normal(s, i)`` on the torch path and ``tl.randn(s, i)`` in the kernel,
+the same numbers (see ``leedl_fast.random``).  ``q_sample(x0, ..., seed=s)`` and
+``noise_prediction_loss(pred, x0, ..., seed=s)`` read the same stream, so the loss
+regenerates the noise instead of storing it.  ``seed=None`` draws a seed from
+torch's default generator.
+
+Structure as in ``softmax.py``: ``*_reference`` functions are the spec (plain
+PyTorch, float64 in tests; the step references follow diffusers' DDPMScheduler /
+DDIMScheduler formulas), ``_*_torch`` the fallback, ``leedl_fast.kernels.noising``
+the Triton path, custom ops with fake and autograd implementations, and public
+functions that check their arguments first.
+
+Argument checks: ``t`` outside ``[0, len(alphas_cumprod))`` raises ValueError when
+``t`` is a CPU tensor or an int; for a CUDA ``t`` the check would need a host
+sync, so it is an asynchronous device assertion instead (a RuntimeError at the
+next synchronisation).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backend
+from ..random import MAX_SEED, philox_normal
+from ._common import check_tensor
+
+__all__ = [
+    "q_sample", "q_sample_reference",
+    "noise_prediction_loss", "noise_prediction_loss_reference",
+    "ddpm_step", "ddpm_step_reference", "ddim_step", "ddim_step_reference",
+    "fused_step", "ddpm_step_coefficients", "ddim_step_coefficients", "draw_seed",
+    "PREDICTION_TYPES", "VARIANCE_TYPES",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def draw_seed() -> int:
+    """A seed in [0, 2**63 - 2] from torch's default generator (what ``seed=None`` uses)."""
+    return int(torch.randint(0, MAX_SEED, (), dtype=torch.int64))
+
+
+def _noise_torch(seed: int, shape, device) -> torch.Tensor:
+    """The kernel's noise for a contiguous tensor of ``shape``: philox_normal(seed, flat index), float32."""
+    n = math.prod(shape)
+    return philox_normal(seed, torch.arange(n, device=device, dtype=torch.int64)).view(shape)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.view(v.shape + (1,) * (ndim - 1))
+
+
+def _sqrt_coefs(t: torch.Tensor, alphas_cumprod: torch.Tensor, acc: torch.dtype, ndim: int):
+    """sqrt(abar_t), sqrt(1 - abar_t) per sample, shaped to broadcast against an ndim-D batch."""
+    abar = alphas_cumprod.to(acc)[t.long()]
+    return _per_sample(torch.sqrt(abar), ndim), _per_sample(torch.sqrt(1.0 - abar), ndim)
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    if any(x.dtype == torch.float64 for x in tensors if x is not None and x.is_floating_point()):
+        return False
+    return backend.select("noising", *[x for x in tensors if x is not None]) == "triton"
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1] or None, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return seed
+
+
+def _check_schedule(alphas_cumprod, device) -> None:
+    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1)
+    if alphas_cumprod.numel() == 0:
+        raise ValueError("alphas_cumprod must not be empty")
+    if alphas_cumprod.device != device:
+        raise ValueError(f"alphas_cumprod is on {alphas_cumprod.device} but x0 is on {device}")
+
+
+def _check_t(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
+    """t as a (batch,) int64 tensor on ``device``; ValueError for a wrong type, length, device or range."""
+    if isinstance(t, int) and not isinstance(t, bool):
+        if not 0 <= t < num_timesteps:
+            raise ValueError(f"t={t} is outside [0, {num_timesteps})")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"t must be an integer tensor of shape ({batch},) or an int, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"t must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"t must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"t is on {t.device} but x0 is on {device}")
+    if t.device.type == "cpu":
+        if batch and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
+            raise ValueError(f"t must lie in [0, {num_timesteps}), got values in [{int(t.min())}, {int(t.max())}]")
+    elif batch:
+        torch._assert_async(((t >= 0) & (t < num_timesteps)).all(), f"t must lie in [0, {num_timesteps})")
+    return t.to(torch.int64)
+
+
+def _check_like(name: str, x, ref: torch.Tensor, ref_name: str, *, same_dtype: bool) -> None:
+    check_tensor(name, x)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if same_dtype and x.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _check_batch(name: str, x) -> None:
+    check_tensor(name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-D tensor")
+
+
+# ----------------------------------------------------------------------------- q_sample
+
+def q_sample_reference(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+    """The definition (diffusers' ``add_noise``), in x0's dtype: use float64 inputs for a reference."""
+    abar = alphas_cumprod.to(x0.dtype)[t.long()]
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * noise
+
+
+def _q_sample_torch(x0, t, alphas_cumprod, eps) -> torch.Tensor:
+    acc = _acc(x0.dtype)
+    sa, sb = _sqrt_coefs(t, alphas_cumprod, acc, x0.dim())
+    return (sa * x0.to(acc) + sb * eps.to(acc)).to(x0.dtype).contiguous()
+
+
+@torch.library.custom_op("leedl_fast::q_sample", mutates_args=())
+def _q_sample_op(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 noise: torch.Tensor) -> torch.Tensor:
+    if x0.numel() == 0 or not _use_triton(x0, noise):
+        return _q_sample_torch(x0, t, alphas_cumprod, noise)
+    from leedl_fast.kernels.noising import q_sample_fwd
+
+    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    q_sample_fwd(x0.contiguous(), t.contiguous(), alphas_cumprod.contiguous(), noise.contiguous(), 0, out, None)
+    return out
+
+
+@_q_sample_op.register_fake
+def _(x0, t, alphas_cumprod, noise):
+    return x0.new_empty(x0.shape)
+
+
+@torch.library.custom_op("leedl_fast::q_sample_seeded", mutates_args=())
+def _q_sample_seeded_op(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if x0.numel() == 0 or not _use_triton(x0):
+        eps = _noise_torch(seed, x0.shape, x0.device)
+        return _q_sample_torch(x0, t, alphas_cumprod, eps), eps.to(x0.dtype)
+    from leedl_fast.kernels.noising import q_sample_fwd
+
+    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    eps = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    q_sample_fwd(x0.contiguous(), t.contiguous(), alphas_cumprod.contiguous(), None, seed, out, eps)
+    return out, eps
+
+
+@_q_sample_seeded_op.register_fake
+def _(x0, t, alphas_cumprod, seed):
+    return x0.new_empty(x0.shape), x0.new_empty(x0.shape)
+
+
+def _q_sample_grads(ctx, g):
+    t, alphas_cumprod = ctx.saved_tensors
+    sa, sb = _sqrt_coefs(t, alphas_cumprod, _acc(g.dtype), g.dim())
+    dx0 = (g.to(sa.dtype) * sa).to(ctx.x0_dtype) if ctx.needs_x0 else None
+    dnoise = (g.to(sb.dtype) * sb).to(ctx.noise_dtype) if ctx.needs_noise else None
+    return dx0, dnoise
+
+
+def _q_sample_setup(ctx, inputs, output):
+    x0, t, alphas_cumprod, noise = inputs
+    ctx.save_for_backward(t, alphas_cumprod)
+    ctx.x0_dtype, ctx.noise_dtype = x0.dtype, noise.dtype
+    ctx.needs_x0, ctx.needs_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+
+
+def _q_sample_backward(ctx, g):
+    dx0, dnoise = _q_sample_grads(ctx, g)
+    return dx0, None, None, dnoise
+
+
+torch.library.register_autograd("leedl_fast::q_sample", _q_sample_backward, setup_context=_q_sample_setup)
+
+
+def _q_sample_seeded_setup(ctx, inputs, output):
+    x0, t, alphas_cumprod, _ = inputs
+    ctx.save_for_backward(t, alphas_cumprod)
+    ctx.x0_dtype, ctx.noise_dtype = x0.dtype, x0.dtype
+    ctx.needs_x0, ctx.needs_noise = ctx.needs_input_grad[0], False
+
+
+def _q_sample_seeded_backward(ctx, g, g_eps):
+    dx0, _ = _q_sample_grads(ctx, g)
+    return dx0, None, None, None
+
+
+torch.library.register_autograd("leedl_fast::q_sample_seeded", _q_sample_seeded_backward,
+                                setup_context=_q_sample_seeded_setup)
+
+
+def q_sample(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None, *,
+             seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward (noising) process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` and ``eps``.
+
+    ``x0``: (B, ...) any float dtype (math in float32, float64 stays float64);
+    ``t``: (B,) integer tensor (one timestep per sample) or an int for all;
+    ``alphas_cumprod``: (T,) float tensor (e.g. ``NoiseSchedule.alphas_cumprod``),
+    on x0's device.  With ``noise`` given (x0's shape and dtype) it is used and
+    returned; otherwise eps is drawn from the Philox stream keyed by ``(seed,
+    flat element index)`` (in registers on the Triton path) and returned in x0's
+    dtype; x_t is computed from the float32 draw.  Equal to diffusers'
+    ``DDPMScheduler.add_noise`` given the same noise.  Differentiable in x0 and
+    ``noise``.
+    """
+    _check_batch("x0", x0)
+    _check_schedule(alphas_cumprod, x0.device)
+    t = _check_t(t, x0.shape[0], alphas_cumprod.shape[0], x0.device)
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("seed must be None when noise is given")
+        _check_like("noise", noise, x0, "x0", same_dtype=True)
+        return _q_sample_op(x0, t, alphas_cumprod, noise), noise
+    seed = draw_seed() if seed is None else _check_seed(seed)
+    return _q_sample_seeded_op(x0, t, alphas_cumprod, seed)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def _target_reference(x0, t, alphas_cumprod, noise, target):
+    if target == "epsilon":
+        return noise
+    if target == "sample":
+        return x0
+    abar = alphas_cumprod.to(x0.dtype)[t.long()]
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return abar.sqrt().view(shape) * noise - (1 - abar).sqrt().view(shape) * x0
+
+
+def noise_prediction_loss_reference(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                                    alphas_cumprod: torch.Tensor, noise: torch.Tensor,
+                                    target: str = "epsilon") -> torch.Tensor:
+    """mean((pred - target)^2) with target = noise, v = sqrt(abar) noise - sqrt(1 - abar) x0, or x0."""
+    return ((pred - _target_reference(x0, t, alphas_cumprod, noise, target)) ** 2).mean()
+
+
+def _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target):
+    acc = _acc(pred.dtype if pred.dtype == torch.float64 else x0.dtype)
+    if target == "sample":
+        tgt = x0.to(acc)
+    else:
+        eps = (_noise_torch(seed, x0.shape, x0.device) if noise is None else noise).to(acc)
+        if target == "epsilon":
+            tgt = eps
+        else:
+            sa, sb = _sqrt_coefs(t, alphas_cumprod, acc, x0.dim())
+            tgt = sa * eps - sb * x0.to(acc)
+    return pred.to(acc) - tgt
+
+
+def _loss_dtype(pred: torch.Tensor, x0: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (pred.dtype, x0.dtype) else torch.float32
+
+
+@torch.library.custom_op("leedl_fast::noise_prediction_loss", mutates_args=())
+def _loss_op(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+             noise: torch.Tensor | None, seed: int, target: str) -> torch.Tensor:
+    if x0.numel() == 0 or not _use_triton(pred, x0, noise):
+        d = _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target)
+        return ((d * d).sum() / d.numel()).to(_loss_dtype(pred, x0))
+    from leedl_fast.kernels.noising import loss_fwd
+
+    total = loss_fwd(pred.contiguous(), x0.contiguous(), t.contiguous(), alphas_cumprod.contiguous(),
+                     None if noise is None else noise.contiguous(), seed, target)
+    return total / x0.numel()
+
+
+@_loss_op.register_fake
+def _(pred, x0, t, alphas_cumprod, noise, seed, target):
+    return pred.new_empty((), dtype=_loss_dtype(pred, x0))
+
+
+@torch.library.custom_op("leedl_fast::noise_prediction_loss_backward", mutates_args=())
+def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, noise: torch.Tensor | None, seed: int,
+                      target: str) -> torch.Tensor:
+    if x0.numel() == 0 or not _use_triton(pred, x0, noise):
+        d = _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target)
+        return (grad.to(d.dtype) * (2.0 / max(d.numel(), 1)) * d).to(pred.dtype).contiguous()
+    from leedl_fast.kernels.noising import loss_bwd
+
+    out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    loss_bwd(grad.reshape(1).to(torch.float32).contiguous(), pred.contiguous(), x0.contiguous(), t.contiguous(),
+             alphas_cumprod.contiguous(), None if noise is None else noise.contiguous(), seed, target,
+             2.0 / x0.numel(), out)
+    return out
+
+
+@_loss_backward_op.register_fake
+def _(grad, pred, x0, t, alphas_cumprod, noise, seed, target):
+    return pred.new_empty(pred.shape)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, x0, t, alphas_cumprod, noise, seed, target = inputs
+    ctx.save_for_backward(pred, x0, t, alphas_cumprod, noise)
+    ctx.seed, ctx.target = seed, target
+
+
+def _loss_backward(ctx, grad):
+    pred, x0, t, alphas_cumprod, noise = ctx.saved_tensors
+    dpred = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
+    dx0 = dnoise = None
+    need_x0 = ctx.needs_input_grad[1] and ctx.target != "epsilon"
+    need_noise = noise is not None and ctx.needs_input_grad[4] and ctx.target != "sample"
+    if need_x0 or need_noise:
+        # d loss / d target = -d loss / d pred; target = cx x0 + ce eps with per-sample cx, ce.
+        acc = _acc(dpred.dtype)
+        sa, sb = _sqrt_coefs(t, alphas_cumprod, acc, x0.dim())
+        g = dpred.to(acc)
+        if need_x0:
+            dx0 = (-g if ctx.target == "sample" else g * sb).to(x0.dtype)
+        if need_noise:
+            dnoise = (-g if ctx.target == "epsilon" else -g * sa).to(noise.dtype)
+    if ctx.needs_input_grad[1] and dx0 is None:
+        dx0 = torch.zeros_like(x0)
+    if noise is not None and ctx.needs_input_grad[4] and dnoise is None:
+        dnoise = torch.zeros_like(noise)
+    return dpred, dx0, None, None, dnoise, None, None
+
+
+torch.library.register_autograd("leedl_fast::noise_prediction_loss", _loss_backward, setup_context=_loss_setup)
+
+
+def noise_prediction_loss(pred: torch.Tensor, x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, *,
+                          seed: int | None = None, noise: torch.Tensor | None = None,
+                          target: str = "epsilon") -> torch.Tensor:
+    """Mean squared error between ``pred`` and the training target of ``q_sample(x0, t, ..., seed=seed)``.
+
+    ``target``: "epsilon" (the noise), "v_prediction" (v = sqrt(abar) eps -
+    sqrt(1 - abar) x0) or "sample" (x0).  The noise is regenerated from the same
+    Philox ``(seed, element index)`` stream ``q_sample`` drew it from, inside the
+    kernel, so it is never stored; or pass the ``noise`` tensor instead of a
+    seed.  ``pred`` and ``x0``: same shape (B, ...), float dtypes (may differ);
+    math in float32.  Returns a 0-d float32 tensor (float64 if an input is
+    float64).  Differentiable in ``pred`` (fused backward kernel), ``x0`` and
+    ``noise``.
+    """
+    if target not in PREDICTION_TYPES:
+        raise ValueError(f"target must be one of {', '.join(PREDICTION_TYPES)}, got {target!r}")
+    _check_batch("x0", x0)
+    _check_like("pred", pred, x0, "x0", same_dtype=False)
+    _check_schedule(alphas_cumprod, x0.device)
+    t = _check_t(t, x0.shape[0], alphas_cumprod.shape[0], x0.device)
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("give either seed or noise, not both")
+        _check_like("noise", noise, x0, "x0", same_dtype=True)
+        seed = 0
+    elif seed is None:
+        raise ValueError("seed is required (the seed q_sample drew the noise with), or pass noise")
+    else:
+        seed = _check_seed(seed)
+    return _loss_op(pred, x0, t, alphas_cumprod, noise, seed, target)
+
+
+# ----------------------------------------------------------------------------- reverse steps
+
+def _x0_coefs(a_t: float, prediction_type: str) -> tuple[float, float]:
+    """x0_hat = A x_t + B m for model output m."""
+    if prediction_type == "epsilon":
+        return 1.0 / math.sqrt(a_t), -math.sqrt(1.0 - a_t) / math.sqrt(a_t)
+    if prediction_type == "v_prediction":
+        return math.sqrt(a_t), -math.sqrt(1.0 - a_t)
+    return 0.0, 1.0
+
+
+def ddpm_step_coefficients(a_t: float, a_prev: float, t: int, prediction_type: str,
+                           variance_type: str) -> tuple[tuple[float, ...], bool]:
+    """The six coefficients of ``x_prev = c2 clip(c0 x + c1 m) + c3 x + c4 m + c5 z`` for a DDPM step
+    from abar_t = ``a_t`` to abar_prev = ``a_prev`` (1.0 past the first step), in float64, and whether
+    noise is added (t > 0, as diffusers)."""
+    b_t, b_p = 1.0 - a_t, 1.0 - a_prev
+    alpha = a_t / a_prev
+    beta = 1.0 - alpha
+    c0, c1 = _x0_coefs(a_t, prediction_type)
+    c2 = math.sqrt(a_prev) * beta / b_t          # posterior mean, x0 term (Ho et al. eq. 7)
+    c3 = math.sqrt(alpha) * b_p / b_t            # posterior mean, x_t term
+    if variance_type == "fixed_small":
+        sigma = math.sqrt(max(b_p / b_t * beta, 1e-20))
+    else:
+        sigma = math.sqrt(beta)
+    add_noise = t > 0
+    return (c0, c1, c2, c3, 0.0, sigma if add_noise else 0.0), add_noise
+
+
+def ddim_step_coefficients(a_t: float, a_prev: float, prediction_type: str,
+                           eta: float) -> tuple[tuple[float, ...], bool]:
+    """The six coefficients of a DDIM step (Song et al. 2021, eq. 12) and whether noise is added (eta > 0)."""
+    b_t, b_p = 1.0 - a_t, 1.0 - a_prev
+    variance = (b_p / b_t) * (1.0 - a_t / a_prev)
+    std = eta * math.sqrt(max(variance, 0.0))
+    c0, c1 = _x0_coefs(a_t, prediction_type)
+    if prediction_type == "epsilon":
+        e_x, e_m = 0.0, 1.0
+    elif prediction_type == "v_prediction":
+        e_x, e_m = math.sqrt(b_t), math.sqrt(a_t)
+    else:  # eps_hat from the unclipped x0_hat = m, as diffusers
+        e_x, e_m = 1.0 / math.sqrt(b_t), -math.sqrt(a_t) / math.sqrt(b_t)
+    direction = math.sqrt(max(1.0 - a_prev - std * std, 0.0))
+    return (c0, c1, math.sqrt(a_prev), direction * e_x, direction * e_m, std), eta > 0
+
+
+def _step_torch(model_output, x_t, coef, noise, seed, add_noise, clip_range):
+    acc = _acc(x_t.dtype)
+    c = coef.to(acc)
+    x, m = x_t.to(acc), model_output.to(acc)
+    x0 = c[0] * x + c[1] * m
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    y = c[2] * x0 + c[3] * x + c[4] * m
+    if add_noise:
+        z = _noise_torch(seed, x_t.shape, x_t.device) if noise is None else noise
+        y = y + c[5] * z.to(acc)
+    return y.to(x_t.dtype).contiguous()
+
+
+@torch.library.custom_op("leedl_fast::sampler_step", mutates_args=())
+def _step_op(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, noise: torch.Tensor | None,
+             seed: int, add_noise: bool, clip_range: float | None) -> torch.Tensor:
+    if x_t.numel() == 0 or not _use_triton(model_output, x_t, noise):
+        return _step_torch(model_output, x_t, coef, noise, seed, add_noise, clip_range)
+    from leedl_fast.kernels.noising import step_fwd
+
+    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    step_fwd(model_output.contiguous(), x_t.contiguous(), coef.to(torch.float32).contiguous(),
+             None if noise is None else noise.contiguous(), seed, add_noise, clip_range, out)
+    return out
+
+
+@_step_op.register_fake
+def _(model_output, x_t, coef, noise, seed, add_noise, clip_range):
+    return x_t.new_empty(x_t.shape)
+
+
+def fused_step(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, *, add_noise: bool,
+               clip_range: float | None = None, noise: torch.Tensor | None = None,
+               seed: int | None = None) -> torch.Tensor:
+    """``x_prev = c2 clip(c0 x_t + c1 m) + c3 x_t + c4 m + c5 z`` in one kernel (``coef``: six float32 values
+    on x_t's device, from ``ddpm_step_coefficients`` / ``ddim_step_coefficients``).  z is ``noise`` or the
+    Philox stream of ``seed`` (drawn from torch's generator when None); only used when ``add_noise``."""
+    check_tensor("x_t", x_t)
+    _check_like("model_output", model_output, x_t, "x_t", same_dtype=False)
+    check_tensor("coef", coef, ndim=1)
+    if coef.shape[0] != 6 or coef.device != x_t.device:
+        raise ValueError(f"coef must be 6 values on {x_t.device}, got shape {tuple(coef.shape)} on {coef.device}")
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("give either seed or noise, not both")
+        _check_like("noise", noise, x_t, "x_t", same_dtype=False)
+        seed = 0
+    elif add_noise:
+        seed = draw_seed() if seed is None else _check_seed(seed)
+    else:
+        seed = 0 if seed is None else _check_seed(seed)
+    if clip_range is not None:
+        clip_range = float(clip_range)
+    return _step_op(model_output, x_t, coef, noise if add_noise else None, seed, bool(add_noise), clip_range)
+
+
+def _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type):
+    check_tensor("x_t", x_t)
+    _check_like("model_output", model_output, x_t, "x_t", same_dtype=False)
+    _check_schedule(alphas_cumprod, x_t.device)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    n = alphas_cumprod.shape[0]
+    t = int(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n:
+        raise ValueError(f"t must be an int in [0, {n}), got {t!r}")
+    prev_t = int(prev_t) if isinstance(prev_t, torch.Tensor) and prev_t.numel() == 1 else prev_t
+    if isinstance(prev_t, bool) or not isinstance(prev_t, int) or not -1 <= prev_t < t:
+        raise ValueError(f"prev_t must be an int in [-1, t), got {prev_t!r}")
+    return t, prev_t
+
+
+def ddpm_step_reference(model_output, t: int, x_t, alphas_cumprod, *, prev_t: int | None = None,
+                        prediction_type: str = "epsilon", clip_sample: bool = True, clip_sample_range: float = 1.0,
+                        variance_type: str = "fixed_small", noise=None) -> torch.Tensor:
+    """One DDPM reverse step, written like the published formulas (diffusers' DDPMScheduler.step), in
+    model_output's dtype.  ``prev_t`` defaults to t - 1; ``noise`` is used when t > 0."""
+    prev_t = t - 1 if prev_t is None else prev_t
+    ac = alphas_cumprod.to(model_output.dtype)
+    a_t = ac[t]
+    a_p = ac[prev_t] if prev_t >= 0 else torch.ones((), dtype=ac.dtype)
+    b_t, b_p = 1 - a_t, 1 - a_p
+    alpha_t = a_t / a_p
+    beta_t = 1 - alpha_t
+    if prediction_type == "epsilon":
+        x0 = (x_t - b_t.sqrt() * model_output) / a_t.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x_t - b_t.sqrt() * model_output
+    else:
+        x0 = model_output
+    if clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    mean = (a_p.sqrt() * beta_t / b_t) * x0 + (alpha_t.sqrt() * b_p / b_t) * x_t
+    if t > 0:
+        var = (b_p / b_t * beta_t).clamp(min=1e-20) if variance_type == "fixed_small" else beta_t
+        mean = mean + var.sqrt() * noise
+    return mean
+
+
+def ddim_step_reference(model_output, t: int, x_t, alphas_cumprod, *, prev_t: int, eta: float = 0.0,
+                        prediction_type: str = "epsilon", clip_sample: bool = True, clip_sample_range: float = 1.0,
+                        final_alpha_cumprod: float = 1.0, noise=None) -> torch.Tensor:
+    """One DDIM step (Song et al. 2021, eq. 12; diffusers' DDIMScheduler.step with
+    use_clipped_model_output=False), in model_output's dtype.  ``noise`` is used when eta > 0."""
+    ac = alphas_cumprod.to(model_output.dtype)
+    a_t = ac[t]
+    a_p = ac[prev_t] if prev_t >= 0 else torch.tensor(final_alpha_cumprod, dtype=ac.dtype)
+    b_t = 1 - a_t
+    if prediction_type == "epsilon":
+        x0 = (x_t - b_t.sqrt() * model_output) / a_t.sqrt()
+        eps = model_output
+    elif prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x_t - b_t.sqrt() * model_output
+        eps = a_t.sqrt() * model_output + b_t.sqrt() * x_t
+    else:
+        x0 = model_output
+        eps = (x_t - a_t.sqrt() * x0) / b_t.sqrt()
+    if clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    var = ((1 - a_p) / b_t) * (1 - a_t / a_p)
+    std = eta * var.sqrt()
+    out = a_p.sqrt() * x0 + (1 - a_p - std**2).sqrt() * eps
+    if eta > 0:
+        out = out + std * noise
+    return out
+
+
+def _coef_tensor(coefs, device) -> torch.Tensor:
+    return torch.tensor(coefs, dtype=torch.float64).to(torch.float32).to(device)
+
+
+def ddpm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+              prev_t: int | None = None, prediction_type: str = "epsilon", clip_sample: bool = True,
+              clip_sample_range: float = 1.0, variance_type: str = "fixed_small",
+              noise: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+    """One DDPM reverse step from timestep ``t`` to ``prev_t`` (default t - 1; -1 ends the chain) in one
+    elementwise kernel: x0_hat from the model output (epsilon / v_prediction / sample), optional clipping
+    to +-clip_sample_range, the posterior mean and, for t > 0, sigma z with sigma^2 the posterior variance
+    ("fixed_small") or beta_t ("fixed_large").  z is ``noise`` or the Philox stream of ``seed``.  Equal to
+    diffusers' DDPMScheduler.step given the same noise.  (``DDPMSampler`` precomputes the coefficients;
+    this function reads two alphas_cumprod entries on the host per call.)"""
+    prev_t = (t - 1 if not isinstance(t, torch.Tensor) else int(t) - 1) if prev_t is None else prev_t
+    t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
+    a_t = float(alphas_cumprod[t])
+    a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
+    coefs, add_noise = ddpm_step_coefficients(a_t, a_p, t, prediction_type, variance_type)
+    return fused_step(model_output, x_t, _coef_tensor(coefs, x_t.device), add_noise=add_noise,
+                      clip_range=clip_sample_range if clip_sample else None, noise=noise, seed=seed)
+
+
+def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+              prev_t: int, eta: float = 0.0, prediction_type: str = "epsilon", clip_sample: bool = True,
+              clip_sample_range: float = 1.0, final_alpha_cumprod: float = 1.0,
+              noise: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+    """One DDIM step from ``t`` to ``prev_t`` (-1: to abar = ``final_alpha_cumprod``) in one elementwise
+    kernel; noise (``noise`` or Philox of ``seed``) scaled by eta * sigma when eta > 0.  Equal to diffusers'
+    DDIMScheduler.step (use_clipped_model_output=False) given the same noise."""
+    t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    a_t = float(alphas_cumprod[t])
+    a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(final_alpha_cumprod)
+    coefs, add_noise = ddim_step_coefficients(a_t, a_p, prediction_type, float(eta))
+    return fused_step(model_output, x_t, _coef_tensor(coefs, x_t.device), add_noise=add_noise,
+                      clip_range=clip_sample_range if clip_sample else None, noise=noise, seed=seed)
