@@ -1,0 +1,253 @@
+"""The ``leedl-fast`` command: entry points, info, bench wiring, and one-line errors (exit 2) for user mistakes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import leedl_fast.cli as cli
+from leedl_fast import backend
+from leedl_fast.cli import info as info_mod
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_user_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- entry points and info
+
+def test_console_script_is_the_cli(capsys, monkeypatch):
+    """``leedl-fast`` (the console script) prints what ``leedl_fast.cli.main`` prints.
+
+    ``python -m leedl_fast`` is run as a subprocess by tests/cli/test_train_cli.py (and by torchrun there).
+    """
+    script = Path(sys.executable).with_name("leedl-fast")
+    assert script.exists(), f"console script missing at {script}; reinstall with pip install -e ."
+    import torch
+
+    env = _env(LEEDL_FAST_BACKEND="torch", TRITON_INTERPRET="0", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    a = subprocess.run([str(script), "info", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert a.returncode == 0, a.stderr
+    monkeypatch.setenv("LEEDL_FAST_BACKEND", "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rc, out, _ = run_main(capsys, "info", "--json")
+    assert rc == 0
+    ja, jb = json.loads(a.stdout), json.loads(out)
+    jb["env"]["CUDA_VISIBLE_DEVICES"] = ja["env"]["CUDA_VISIBLE_DEVICES"]
+    assert ja == jb
+    assert [r["op"] for r in ja["ops"]] == [label for label, _ in info_mod.OPS]
+
+
+def test_importing_the_cli_probes_nothing():
+    code = (
+        "import sys, torch, leedl_fast\n"
+        "had = 'triton' in sys.modules\n"
+        "import leedl_fast.cli, leedl_fast.cli.info, leedl_fast.training, leedl_fast.checkpoint, leedl_fast.__main__\n"
+        "assert ('triton' in sys.modules) == had, 'the CLI imported triton'\n"
+        "assert not torch.cuda.is_initialized(), 'the CLI initialised CUDA'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("forced", ["torch", "auto"])
+def test_info_names_path_and_reason_from_backend(capsys, monkeypatch, forced):
+    monkeypatch.setenv("LEEDL_FAST_BACKEND", forced)
+    rc, out, err = run_main(capsys, "info", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["torch"] and report["python"] == sys.version.split()[0]
+    devices = {d["device"] for d in report["devices"]}
+    assert "cpu" in devices
+    want = backend.decide("cpu")
+    implemented = [r for r in report["ops"] if r["function"]]
+    assert any(r["op"] == "softmax" for r in implemented)
+    for r in report["ops"]:
+        assert "cpu" in r["paths"]
+        if r["function"]:
+            assert r["paths"]["cpu"] == {"path": want.path, "reason": want.reason}
+        else:
+            assert r["paths"]["cpu"]["path"] == "-"
+    rc, text, _ = run_main(capsys, "info")
+    assert rc == 0
+    for label, _ in info_mod.OPS:
+        assert label in text
+    assert want.reason in text and "torch " in text and "triton" in text
+
+
+def test_info_reports_an_unimportable_triton(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes ``import triton`` raise ImportError
+    rc, out, _ = run_main(capsys, "info")
+    assert rc == 0 and "triton     not importable: ModuleNotFoundError" in out
+
+
+def test_help_and_version(capsys):
+    rc, out, _ = run_main(capsys, "--help")
+    assert rc == 0 and all(c in out for c in ("info", "bench", "train", "sample", "demo"))
+    rc, out, _ = run_main(capsys, "--version")
+    assert rc == 0 and "leedl_fast" in out
+    rc, out, _ = run_main(capsys, "train", "tests.cli:ToyRecipe", "--help")
+    assert rc == 0 and "--hidden" in out and "--resume" in out and "--steps" in out
+    rc, out, _ = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--help")
+    assert rc == 0 and "--checkpoint" in out and "--num-samples" in out
+
+
+# --------------------------------------------------------------------------- bench wiring
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    from leedl_fast.bench import runner
+
+    calls = []
+
+    def fake_cli(args):
+        calls.append(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fake.md").write_text("| op | speedup |\n|---|---|\n| softmax | 1.00 |\n")
+        return 0
+
+    monkeypatch.setattr(runner, "cli", fake_cli)
+    return calls
+
+
+def test_bench_delegates_to_the_runner(capsys, fake_runner, tmp_path):
+    rc, _, err = run_main(capsys, "bench", "--quick", "--ops", "softmax", "--out", tmp_path / "b")
+    assert rc == 0, err
+    (args,) = fake_runner
+    assert args.quick is True and args.ops == ["softmax"] and args.out == tmp_path / "b"
+    rc, _, _ = run_main(capsys, "bench")
+    assert rc == 0
+    assert fake_runner[1].quick is False and fake_runner[1].ops is None and fake_runner[1].out == Path("bench_out")
+
+
+def test_bench_user_errors(capsys, fake_runner, tmp_path):
+    rc, _, err = run_main(capsys, "bench", "--ops", "softmax,warp_drive", "--out", tmp_path)
+    assert_user_error(rc, err, "unknown op(s) warp_drive", "softmax")
+    (tmp_path / "f").write_text("x")
+    rc, _, err = run_main(capsys, "bench", "--out", tmp_path / "f")
+    assert_user_error(rc, err, "exists and is not a directory")
+    assert not fake_runner
+
+
+# --------------------------------------------------------------------------- train / sample user errors
+
+def test_unknown_model_names(capsys, tmp_path):
+    for command in ("train", "sample"):
+        rc, _, err = run_main(capsys, command, "warp_drive", "--out", tmp_path / "o")
+        assert_user_error(rc, err, "unknown model 'warp_drive'", "choose from")
+        rc, _, err = run_main(capsys, command)
+        assert_user_error(rc, err, f"{command} needs a model name")
+    rc, _, err = run_main(capsys, "train", "no_such_module_xyz:Recipe")
+    assert_user_error(rc, err, "cannot import recipe module 'no_such_module_xyz'")
+    rc, _, err = run_main(capsys, "train", "tests.cli:NoSuchRecipe")
+    assert_user_error(rc, err, "has no recipe class 'NoSuchRecipe'")
+
+
+def test_bad_option_values_are_one_line(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--steps", "many")
+    assert_user_error(rc, err, "--steps", "invalid int value")
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--frobnicate")
+    assert_user_error(rc, err, "unrecognized arguments: --frobnicate")
+    rc, _, err = run_main(capsys, "frobnicate")
+    assert_user_error(rc, err, "invalid choice")
+
+
+def test_out_is_an_existing_file(capsys, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--out", f, "--device", "cpu")
+    assert_user_error(rc, err, f"--out {f} exists and is not a directory")
+    rc, _, err = run_main(capsys, "demo", "--out", f)
+    assert_user_error(rc, err, "exists and is not a directory")
+    assert f.read_text() == "x"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step toy run through the CLI, with a non-default --hidden stored in the checkpoint."""
+    out = tmp_path_factory.mktemp("cli_run")
+    rc = cli.main(["train", "tests.cli:ToyRecipe", "--steps", "4", "--hidden", "6", "--out", str(out),
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_its_files(trained):
+    for name in ("checkpoint.pt", "metrics.csv", "loss.png", "results.json", "toy_finish.txt"):
+        assert (trained / name).is_file(), name
+    assert json.loads((trained / "results.json").read_text())["steps"] == 4
+
+
+def test_sample_uses_the_training_settings(capsys, trained, tmp_path):
+    out = tmp_path / "s.txt"
+    rc, stdout, err = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--checkpoint", trained / "checkpoint.pt",
+                               "--out", out, "--num-samples", "5", "--device", "cpu")
+    assert rc == 0, err  # built with --hidden 6 from the checkpoint, or loading would fail
+    assert len(out.read_text().split()) == 5 and str(out) in stdout
+    rc, _, err = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--checkpoint", trained / "checkpoint.pt",
+                          "--out", out, "--hidden", "7", "--device", "cpu")
+    assert_user_error(rc, err, "does not fit model 'net'")
+
+
+def _damaged(trained: Path, tmp_path: Path, kind: str) -> Path:
+    data = (trained / "checkpoint.pt").read_bytes()
+    path = tmp_path / f"{kind}.pt"
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif kind == "corrupt":
+        b = bytearray(data)
+        b[-50] ^= 0xFF
+        path.write_bytes(bytes(b))
+    else:
+        path.write_text("not a checkpoint at all\n")
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [("truncated", "is truncated"), ("corrupt", "is corrupt (checksum mismatch)"),
+                                          ("foreign", "is not a leedl_fast checkpoint")])
+def test_unusable_checkpoints(capsys, trained, tmp_path, kind, message):
+    path = _damaged(trained, tmp_path, kind)
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--resume", path, "--out", tmp_path / "o",
+                          "--device", "cpu", "--no-progress")
+    assert_user_error(rc, err, message)
+    rc, _, err = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--checkpoint", path, "--out", tmp_path / "s.txt")
+    assert_user_error(rc, err, message)
+
+
+def test_checkpoint_of_another_model(capsys, trained, tmp_path):
+    ck = trained / "checkpoint.pt"
+    rc, _, err = run_main(capsys, "train", "tests.cli:OtherToyRecipe", "--resume", ck, "--out", tmp_path / "o",
+                          "--device", "cpu")
+    assert_user_error(rc, err, "belongs to the recipe 'toy', not 'other_toy'")
+    rc, _, err = run_main(capsys, "sample", "tests.cli:OtherToyRecipe", "--checkpoint", ck, "--out", tmp_path / "s")
+    assert_user_error(rc, err, "belongs to the recipe 'toy', not 'other_toy'")
+    rc, _, err = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--checkpoint", tmp_path / "missing.pt")
+    assert_user_error(rc, err, "does not exist")
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--resume", "--out", tmp_path / "empty",
+                          "--device", "cpu")
+    assert_user_error(rc, err, "checkpoint.pt does not exist")
