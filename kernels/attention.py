@@ -123,14 +123,16 @@ def _key_block_range(row_first, row_last, seq_k, window_left, window_right,
 def _attention_fwd_inner(
     acc, l_i, m_i, n_visited, q,
     k_base, v_base, kpm_base, stride_kn, stride_vn,
-    offs_m, offs_d, start, end, seq_k, shift, window_left, window_right,
+    offs_m, offs_d, start_a, n_a, start_b, n_iter, seq_k, shift, window_left, window_right,
     qk_scale, rng_rows, dropout_p, seed,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)                                                 # [BLOCK_N]
-    for start_n in range(start, end, BLOCK_N):
+    for it in range(0, n_iter):
+        # Masked: blocks [start_a, start_a + n_a * BLOCK_N) then from start_b on.
+        start_n = tl.where(it < n_a, start_a + it * BLOCK_N, start_b + (it - n_a) * BLOCK_N)
         offs_n = start_n + offs_n0                                                  # [BLOCK_N]
         k = _load_tile(k_base, offs_n, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k)) * qk_scale                                      # [BLOCK_M, BLOCK_N] log2 units
@@ -210,24 +212,22 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)                                           # [BLOCK_M] running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                                  # [BLOCK_M, BLOCK_D]
     n_visited = 0
-    # Leading edge of the band: masked.
+    # Edges of the band and the key tail, masked, in one loop; then the interior, where every
+    # pair is visible and no band mask is computed.
+    n_lead = (tl.maximum(tl.minimum(full_lo, hi) - lo, 0) + BLOCK_N - 1) // BLOCK_N
+    tail = tl.maximum(full_lo, full_hi)
+    n_edge = n_lead + (tl.maximum(hi - tail, 0) + BLOCK_N - 1) // BLOCK_N
+    n_full = tl.maximum(full_hi - full_lo, 0) // BLOCK_N
     acc, l_i, m_i, n_visited = _attention_fwd_inner(
         acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
-        offs_m, offs_d, lo, tl.minimum(full_lo, hi), seq_k, shift, window_left, window_right,
+        offs_m, offs_d, lo, n_lead, tail, n_edge, seq_k, shift, window_left, window_right,
         qk_scale, rng_rows, dropout_p, seed,
         BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
-    # Interior: every pair visible, no band mask.
     acc, l_i, m_i, n_visited = _attention_fwd_inner(
         acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
-        offs_m, offs_d, full_lo, full_hi, seq_k, shift, window_left, window_right,
+        offs_m, offs_d, full_lo, n_full, full_lo, n_full, seq_k, shift, window_left, window_right,
         qk_scale, rng_rows, dropout_p, seed,
         BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
-    # Trailing edge of the band and the key tail: masked.
-    acc, l_i, m_i, n_visited = _attention_fwd_inner(
-        acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
-        offs_m, offs_d, tl.maximum(full_lo, full_hi), hi, seq_k, shift, window_left, window_right,
-        qk_scale, rng_rows, dropout_p, seed,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
 
     # Rows with no visible key: l = 0 -> o = 0, lse = -inf.
     empty = l_i == 0.0                                                              # [BLOCK_M]
@@ -281,14 +281,15 @@ def _attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_inner(
     dk, dv, n_visited, k, v, pad_ok,
     q_base, do_base, lse2_base, delta_base, stride_qm, stride_dom,
-    offs_n, offs_d, start, end, seq_q, seq_k, shift, window_left, window_right,
+    offs_n, offs_d, start_a, n_a, start_b, n_iter, seq_q, seq_k, shift, window_left, window_right,
     qk_scale, rng_head, dropout_p, seed,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
-    for start_m in range(start, end, BLOCK_M):
+    for it in range(0, n_iter):
+        start_m = tl.where(it < n_a, start_a + it * BLOCK_M, start_b + (it - n_a) * BLOCK_M)
         offs_m = start_m + offs_m0                                                  # [BLOCK_M]
         q = _load_tile(q_base, offs_m, seq_q, stride_qm, offs_d, MASKED, HEAD_DIM, BLOCK_D)     # [BLOCK_M, BLOCK_D]
         do = _load_tile(do_base, offs_m, seq_q, stride_dom, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
@@ -377,6 +378,10 @@ def _attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                   # [BLOCK_N, BLOCK_D]
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                   # [BLOCK_N, BLOCK_D]
+    n_lead = (tl.maximum(tl.minimum(full_lo, hi) - lo, 0) + BLOCK_M - 1) // BLOCK_M
+    tail = tl.maximum(full_lo, full_hi)
+    n_edge = n_lead + (tl.maximum(hi - tail, 0) + BLOCK_M - 1) // BLOCK_M
+    n_full = tl.maximum(full_hi - full_lo, 0) // BLOCK_M
     n_visited = 0
     for g in range(0, group):
         h = hk * group + g
@@ -387,19 +392,14 @@ def _attention_bwd_dkdv_kernel(
         rng_head = row * seq_k
         dk, dv, n_visited = _attention_bwd_dkdv_inner(
             dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, lo, tl.minimum(full_lo, hi), seq_q, seq_k, shift, window_left, window_right,
+            offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
             qk_scale, rng_head, dropout_p, seed,
             BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
         dk, dv, n_visited = _attention_bwd_dkdv_inner(
             dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, full_lo, full_hi, seq_q, seq_k, shift, window_left, window_right,
+            offs_n, offs_d, full_lo, n_full, full_lo, n_full, seq_q, seq_k, shift, window_left, window_right,
             qk_scale, rng_head, dropout_p, seed,
             BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
-        dk, dv, n_visited = _attention_bwd_dkdv_inner(
-            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, tl.maximum(full_lo, full_hi), hi, seq_q, seq_k, shift, window_left, window_right,
-            qk_scale, rng_head, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
 
     dk_base = dk_ptr + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = dv_ptr + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
@@ -414,14 +414,15 @@ def _attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_inner(
     dq, n_visited, q, do, lse2, delta,
     k_base, v_base, kpm_base, stride_kn, stride_vn,
-    offs_m, offs_d, start, end, seq_k, shift, window_left, window_right,
+    offs_m, offs_d, start_a, n_a, start_b, n_iter, seq_k, shift, window_left, window_right,
     qk_scale, rng_rows, dropout_p, seed,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)                                                 # [BLOCK_N]
-    for start_n in range(start, end, BLOCK_N):
+    for it in range(0, n_iter):
+        start_n = tl.where(it < n_a, start_a + it * BLOCK_N, start_b + (it - n_a) * BLOCK_N)
         offs_n = start_n + offs_n0                                                  # [BLOCK_N]
         k = _load_tile(k_base, offs_n, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         v = _load_tile(v_base, offs_n, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
@@ -494,21 +495,20 @@ def _attention_bwd_dq_kernel(
                                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                                   # [BLOCK_M, BLOCK_D]
     n_visited = 0
+    n_lead = (tl.maximum(tl.minimum(full_lo, hi) - lo, 0) + BLOCK_N - 1) // BLOCK_N
+    tail = tl.maximum(full_lo, full_hi)
+    n_edge = n_lead + (tl.maximum(hi - tail, 0) + BLOCK_N - 1) // BLOCK_N
+    n_full = tl.maximum(full_hi - full_lo, 0) // BLOCK_N
     dq, n_visited = _attention_bwd_dq_inner(
         dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
-        offs_m, offs_d, lo, tl.minimum(full_lo, hi), seq_k, shift, window_left, window_right,
+        offs_m, offs_d, lo, n_lead, tail, n_edge, seq_k, shift, window_left, window_right,
         qk_scale, rng_rows, dropout_p, seed,
         BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
     dq, n_visited = _attention_bwd_dq_inner(
         dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
-        offs_m, offs_d, full_lo, full_hi, seq_k, shift, window_left, window_right,
+        offs_m, offs_d, full_lo, n_full, full_lo, n_full, seq_k, shift, window_left, window_right,
         qk_scale, rng_rows, dropout_p, seed,
         BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
-    dq, n_visited = _attention_bwd_dq_inner(
-        dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
-        offs_m, offs_d, tl.maximum(full_lo, full_hi), hi, seq_k, shift, window_left, window_right,
-        qk_scale, rng_rows, dropout_p, seed,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
     dq_base = dq_ptr + b64 * stride_dqb + h64 * stride_dqh
     _store_tile(dq_base, (dq * sm_scale).to(dq_ptr.dtype.element_ty), offs_m, seq_q, stride_dqm, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
@@ -564,9 +564,9 @@ _BWD_DQ = {
 _PRE_BLOCK_M = 64
 # Under the interpreter one fixed small configuration (unequal blocks, so that the band
 # arithmetic is exercised with BLOCK_M != BLOCK_N): (BLOCK_M, BLOCK_N).
-_INTERP_FWD = (32, 16)
-_INTERP_DKDV = (16, 32)
-_INTERP_DQ = (32, 16)
+_INTERP_FWD = (64, 32)
+_INTERP_DKDV = (32, 64)
+_INTERP_DQ = (64, 32)
 
 
 def _kind(dtype: torch.dtype) -> str:

@@ -1,0 +1,264 @@
+"""The attention kernels (leedl_fast.kernels.attention) against a dense float64 reference.
+
+Forward output and logsumexp, and dq, dk, dv, for dense, causal and banded attention,
+Nq != Nk, grouped-query heads, key padding (including a fully padded batch row),
+dropout (the reference draws the same Philox mask through leedl_fast.random), irregular
+lengths and head dims, non-contiguous inputs.  Then: the blocks each program visits
+are exactly the blocks that intersect the band; two runs are bit-identical.
+
+Under the interpreter fp32 and fp16 run (bf16 is wrong there); on a GPU bf16 too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leedl_fast.random import philox_uniform
+from tests.harness import assert_close
+
+pytest.importorskip("triton")
+
+
+def _dtypes():
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+def _with_dtypes(cases):
+    """Under the interpreter each case runs in one dtype, alternating fp32 and fp16 so both
+    see every feature (the interpreter is slow); on a GPU every case runs in every dtype."""
+    if torch.cuda.is_available():
+        return [(dt, c) for c in cases for dt in _dtypes()]
+    return [((torch.float32, torch.float16)[i % 2], c) for i, c in enumerate(cases)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The float64 reference: every score, the band and padding mask, softmax, the Philox dropout mask.
+# ----------------------------------------------------------------------------------------------
+def _visible(B, Nq, Nk, left, right, kpm):
+    i = torch.arange(Nq)[:, None] + (Nk - Nq)
+    j = torch.arange(Nk)[None, :]
+    vis = torch.ones(Nq, Nk, dtype=torch.bool)
+    if left != -1:
+        vis &= j >= i - left
+    if right != -1:
+        vis &= j <= i + right
+    vis = vis.expand(B, 1, Nq, Nk)
+    if kpm is not None:
+        vis = vis & ~kpm.cpu()[:, None, None, :]
+    return vis  # (B, 1, Nq, Nk)
+
+
+def reference(q, k, v, *, scale, left, right, kpm, dropout_p, seed):
+    """(o, lse) in float64; rows without a visible key give o = 0, lse = -inf (finite gradients)."""
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    group = Hq // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    vis = _visible(B, Nq, Nk, left, right, kpm)
+    s = (scale * q @ k.transpose(-1, -2)).masked_fill(~vis, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(den == 0, torch.ones_like(den), den)
+    lse = (torch.log(den) + m).squeeze(-1)
+    if dropout_p > 0:
+        off = torch.arange(B * Hq * Nq * Nk, dtype=torch.int64).reshape(B, Hq, Nq, Nk)
+        keep = philox_uniform(seed, off) >= dropout_p
+        p = p * keep / (1.0 - dropout_p)
+    return p @ v, lse
+
+
+def _inputs(device, dtype, B, Hq, Hkv, Nq, Nk, D, kpm_mode, layout="contiguous"):
+    def make(h, n):
+        if layout == "bnhd":  # (B, N, H, D) storage seen as (B, H, N, D): non-contiguous, unit d stride
+            return torch.randn(B, n, h, D, dtype=torch.float64).to(dtype).transpose(1, 2)
+        if layout == "strided_d":  # every other element along d: stride(-1) == 2
+            return torch.randn(B, h, n, 2 * D, dtype=torch.float64).to(dtype)[..., ::2]
+        return torch.randn(B, h, n, D, dtype=torch.float64).to(dtype)
+
+    q, k, v = make(Hq, Nq), make(Hkv, Nk), make(Hkv, Nk)
+    do = make(Hq, Nq)
+    kpm = None
+    if kpm_mode:
+        kpm = torch.rand(B, Nk) < 0.3
+        if kpm_mode == "full_row":
+            kpm[-1] = True  # the last batch row sees nothing at all
+    dev = [t.to(device) for t in (q, k, v, do)]
+    if layout == "bnhd":  # keep the layout on the device
+        dev = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in dev]
+    elif layout == "strided_d":
+        dev = [torch.repeat_interleave(t, 2, dim=-1)[..., ::2] for t in dev]
+    return (q, k, v, do, kpm), (*dev, None if kpm is None else kpm.to(device))
+
+
+def _check(device, dtype, B, Hq, Hkv, Nq, Nk, D, left, right, kpm_mode=None, dropout_p=0.0, layout="contiguous",
+           seed=1234, blocks=None, grad_scale=1.0):
+    from leedl_fast.kernels.attention import attention_bwd, attention_fwd
+
+    (q, k, v, do, kpm), (qd, kd, vd, dod, kpmd) = _inputs(device, dtype, B, Hq, Hkv, Nq, Nk, D, kpm_mode, layout)
+    if layout != "contiguous":
+        assert not qd.is_contiguous()
+    scale = D ** -0.5
+    kw = dict(scale=scale, left=left, right=right, dropout_p=dropout_p, seed=seed)
+    fwd_blocks = None if blocks is None else blocks[0]
+    bwd_blocks = None if blocks is None else blocks[1:]
+    o, lse = attention_fwd(qd, kd, vd, key_padding_mask=kpmd, _blocks=fwd_blocks, **kw)
+    dq, dk, dv = attention_bwd(dod, qd, kd, vd, o, lse, key_padding_mask=kpmd, _blocks=bwd_blocks, **kw)
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref, lse_ref = reference(q64, k64, v64, kpm=kpm, **kw)
+    o_ref.backward(do.double())
+
+    assert o.dtype == dtype and o.shape == (B, Hq, Nq, D) and o.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Nq)
+    assert dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
+    assert dk.shape == k.shape and dv.shape == v.shape and dq.shape == q.shape
+    tf32 = device == "cuda"  # fp32 tl.dot runs in TF32 on the GPU
+    assert_close(o, o_ref, dtype=dtype, tf32=tf32, name="o")
+    # lse is fp32 whatever the input dtype; -inf exactly where no key is visible.
+    assert_close(lse, lse_ref, dtype=torch.float32, tf32=tf32 or dtype != torch.float32, name="lse")
+    # Gradients sum Nq (dk, dv) or Nk (dq) products of rounded terms (in fp16 the
+    # probabilities and dS are rounded to fp16 before the tensor-core products).
+    gs = grad_scale * (1.0 if dtype == torch.float32 else 4.0)
+    assert_close(dq, q64.grad, dtype=dtype, tf32=tf32, scale=gs, name="dq")
+    assert_close(dk, k64.grad, dtype=dtype, tf32=tf32, scale=gs, name="dk")
+    assert_close(dv, v64.grad, dtype=dtype, tf32=tf32, scale=gs, name="dv")
+    empty = ~_visible(B, Nq, Nk, left, right, kpm).any(-1).expand(B, Hq, Nq)
+    assert bool((o[empty.to(o.device)] == 0).all()) and bool((dq[empty.to(o.device)] == 0).all())
+    return o, lse, dq, dk, dv
+
+
+# (B, Hq, Hkv, Nq, Nk, D, left, right, key padding, dropout)
+DENSE_CAUSAL = [
+    (1, 1, 1, 1, 1, 16, -1, -1, None, 0.0),           # length 1
+    (2, 2, 2, 17, 17, 40, -1, -1, None, 0.0),
+    (1, 2, 2, 63, 63, 64, -1, 0, None, 0.0),          # causal
+    (1, 1, 1, 128, 128, 128, -1, -1, None, 0.0),
+    (1, 1, 1, 257, 257, 16, -1, 0, None, 0.0),
+    (1, 2, 2, 17, 63, 40, -1, 0, None, 0.0),          # causal, Nq < Nk: bottom-right aligned
+    (1, 2, 2, 63, 17, 16, -1, 0, None, 0.0),          # causal, Nq > Nk: the first rows see nothing
+    (2, 2, 2, 63, 128, 64, -1, -1, None, 0.0),        # cross-attention
+    (1, 4, 2, 63, 63, 16, -1, 0, "random", 0.0),      # GQA + padding
+    (1, 4, 1, 17, 33, 40, -1, -1, None, 0.0),         # multi-query
+    (3, 2, 2, 63, 63, 40, -1, -1, "full_row", 0.0),   # a fully padded batch row
+    (2, 2, 1, 17, 63, 64, -1, 0, "full_row", 0.0),
+    (1, 2, 1, 63, 63, 16, -1, -1, None, 0.25),        # dropout, exact Philox mask
+    (1, 1, 1, 100, 100, 40, -1, 0, None, 0.5),
+]
+BANDED = [
+    (1, 1, 1, 63, 63, 16, 0, 0, None, 0.0),
+    (1, 4, 2, 77, 77, 40, 1, 1, None, 0.0),
+    (1, 2, 2, 257, 257, 16, 3, 0, "random", 0.0),     # causal sliding window
+    (1, 2, 2, 63, 77, 16, 0, 5, None, 0.0),
+    (1, 1, 1, 257, 257, 64, 64, 64, None, 0.0),
+    (1, 2, 1, 128, 128, 16, 300, 300, None, 0.0),     # wider than N
+    (1, 2, 2, 77, 63, 40, 10, -1, "random", 0.0),     # (w, -1), Nq > Nk
+    (2, 2, 2, 63, 63, 16, -1, 7, "full_row", 0.2),    # (-1, w), padding, dropout
+    (2, 4, 2, 50, 33, 64, 3, 5, "random", 0.3),       # everything at once
+    (1, 2, 2, 17, 1, 16, 0, 0, None, 0.0),            # one key
+]
+
+
+def _ids(cases):
+    return ["{}-B{}H{}/{}Nq{}Nk{}D{}w({},{}){}{}".format(str(dt)[6:], *c[:8], f"-kpm:{c[8]}" if c[8] else "",
+                                                        f"-p{c[9]}" if c[9] else "") for dt, c in cases]
+
+
+@pytest.mark.parametrize("dtype,case", _with_dtypes(DENSE_CAUSAL), ids=_ids(_with_dtypes(DENSE_CAUSAL)))
+def test_dense_and_causal(triton_path, dtype, case):
+    B, Hq, Hkv, Nq, Nk, D, left, right, kpm, p = case
+    _check(triton_path, dtype, B, Hq, Hkv, Nq, Nk, D, left, right, kpm, p)
+
+
+@pytest.mark.parametrize("dtype,case", _with_dtypes(BANDED), ids=_ids(_with_dtypes(BANDED)))
+def test_banded(triton_path, dtype, case):
+    B, Hq, Hkv, Nq, Nk, D, left, right, kpm, p = case
+    _check(triton_path, dtype, B, Hq, Hkv, Nq, Nk, D, left, right, kpm, p)
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "strided_d"])
+def test_non_contiguous(triton_path, layout):
+    _check(triton_path, torch.float32, 2, 2, 1, 33, 47, 40, 5, 0, "random", 0.1, layout=layout)
+
+
+@pytest.mark.parametrize("blocks", [((64, 32), (32, 64), (64, 32)), ((16, 64), (64, 16), (16, 64))],
+                         ids=["large", "tall-wide"])
+def test_other_tiles(triton_path, blocks):
+    """Other (BLOCK_M, BLOCK_N) pairs (forward; dK/dV; dQ) give the same function."""
+    _check(triton_path, torch.float32, 1, 2, 1, 70, 50, 16, 20, 3, "random", 0.1, blocks=blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop bounds: the blocks visited are exactly those that intersect the band.
+# ----------------------------------------------------------------------------------------------
+def _blocks_touching_band(Nq, Nk, left, right, bm, bn, transpose=False):
+    """For each block of rows (queries, or keys with transpose=True): how many blocks on the other
+    axis hold at least one pair inside the band (padding ignored: it never changes the bounds)."""
+    vis = _visible(1, Nq, Nk, left, right, None)[0, 0]
+    if transpose:
+        vis, bm, bn = vis.t(), bn, bm
+    n_r, n_c = -(-vis.shape[0] // bm), -(-vis.shape[1] // bn)
+    out = torch.zeros(n_r, dtype=torch.int32)
+    for r in range(n_r):
+        rows = vis[r * bm:(r + 1) * bm]
+        out[r] = sum(bool(rows[:, c * bn:(c + 1) * bn].any()) for c in range(n_c))
+    return out
+
+
+@pytest.mark.parametrize("Nq,Nk,left,right", [
+    (100, 100, 16, 16), (90, 90, 20, 0), (60, 100, -1, 0), (100, 50, 0, -1), (64, 64, 0, 0),
+])
+def test_visited_blocks_are_the_band(triton_path, Nq, Nk, left, right):
+    from leedl_fast.kernels.attention import attention_bwd, attention_fwd
+
+    B, Hq, Hkv, D = 1, 2, 1, 16
+    q = torch.randn(B, Hq, Nq, D, device=triton_path)
+    k = torch.randn(B, Hkv, Nk, D, device=triton_path)
+    v = torch.randn(B, Hkv, Nk, D, device=triton_path)
+    kw = dict(scale=0.25, left=left, right=right, key_padding_mask=None, dropout_p=0.0, seed=0)
+    fb, b1, b2 = (32, 16), (16, 32), (32, 16)
+    o, lse, cnt = attention_fwd(q, k, v, count_blocks=True, _blocks=fb, **kw)
+    _, _, _, cnt_dq, cnt_dkdv = attention_bwd(torch.randn_like(o), q, k, v, o, lse, count_blocks=True,
+                                              _blocks=(b1, b2), **kw)
+    want_fwd = _blocks_touching_band(Nq, Nk, left, right, *fb)
+    want_dq = _blocks_touching_band(Nq, Nk, left, right, *b2)
+    want_dkdv = _blocks_touching_band(Nq, Nk, left, right, *b1, transpose=True) * (Hq // Hkv)
+    assert torch.equal(cnt.cpu(), want_fwd.expand(B, Hq, -1)), (cnt, want_fwd)
+    assert torch.equal(cnt_dq.cpu(), want_dq.expand(B, Hq, -1)), (cnt_dq, want_dq)
+    assert torch.equal(cnt_dkdv.cpu(), want_dkdv.expand(B, Hkv, -1)), (cnt_dkdv, want_dkdv)
+    if (left, right) != (-1, -1):  # a band skips work: fewer blocks than the full grid
+        assert int(want_fwd.sum()) < len(want_fwd) * -(-Nk // fb[1])
+
+
+def test_deterministic(triton_path):
+    """The same inputs and seed give bit-identical outputs and gradients (no atomics)."""
+    from leedl_fast.kernels.attention import attention_bwd, attention_fwd
+
+    B, Hq, Hkv, N, D = 2, 2, 1, 50, 40
+    q = torch.randn(B, Hq, N, D, device=triton_path)
+    k = torch.randn(B, Hkv, N, D, device=triton_path)
+    v = torch.randn(B, Hkv, N, D, device=triton_path)
+    do = torch.randn(B, Hq, N, D, device=triton_path)
+    kpm = (torch.rand(B, N) < 0.2).to(triton_path)
+    kw = dict(scale=0.15, left=20, right=3, key_padding_mask=kpm, dropout_p=0.3, seed=99)
+    runs = []
+    for _ in range(2):
+        o, lse = attention_fwd(q, k, v, **kw)
+        runs.append((o, lse, *attention_bwd(do, q, k, v, o, lse, **kw)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    # A different seed changes the dropout mask.
+    o2, _ = attention_fwd(q, k, v, **{**kw, "seed": 100})
+    assert not torch.equal(o2, runs[0][0])
+
+
+def test_launch_configs_cover_every_bucket():
+    from leedl_fast.kernels.attention import launch_configs
+
+    cfgs = launch_configs()
+    for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
+        for bd in (16, 32, 64, 128, 256):
+            for kind in ("16", "32"):
+                assert any(c["kernel"] == kernel and c["block_d"] == bd and c["dtype"] == kind for c in cfgs)
