@@ -1,0 +1,827 @@
+"""Softmax attention, dense, causal and banded: reference, torch path, Triton path, autograd.
+
+    o_i = sum_j P_ij v_j,   P_ij = softmax_j(scale * q_i . k_j  over the keys j visible to i)
+
+q is (B, Hq, Nq, D); k and v are (B, Hkv, Nk, D) with Hq a multiple of Hkv (query
+head h reads key/value head h // (Hq // Hkv): grouped-query and multi-query
+attention, without copying k or v).  That is the layout of
+``torch.nn.functional.scaled_dot_product_attention``.
+
+Which keys a query sees
+-----------------------
+Query i sits at key position ``i + (Nk - Nq)`` (bottom-right alignment, as in
+FlashAttention-2 and xformers; the plain lower triangle when Nq == Nk).  Every
+option of the op is normalised to one band ``(left, right)``, -1 meaning
+unbounded on that side:
+
+    key j is visible to query i  iff  (left == -1 or j >= i + (Nk - Nq) - left)
+                                  and (right == -1 or j <= i + (Nk - Nq) + right)
+                                  and not key_padding_mask[b, j]
+
+* ``window=None`` is ``(-1, -1)``; ``window=(left, right)`` is taken as is.
+* ``causal=True`` is the constraint ``j <= i + (Nk - Nq)``, intersected with the
+  window: since a window's right bound is >= 0 or unbounded, the result is always
+  ``right = 0``: ``causal`` with window ``(w, r)`` for any r is ``(w, 0)``, a
+  causal sliding window of w + 1 keys; ``causal`` alone is ``(-1, 0)``.
+
+Window conventions of other libraries (each converter is a function here, tested):
+
+* FlexAttention's sliding-window mask ``q_idx - kv_idx <= W`` combined with its
+  causal mask ``q_idx >= kv_idx`` is ``window=(W, 0)``:
+  ``window_from_flex_sliding(W)``.  Without the causal part it is ``(W, -1)``.
+  (FlexAttention indexes queries and keys from the same origin, top-left; the two
+  agree when Nq == Nk.)
+* FlashAttention's ``window_size=(left, right)`` has exactly this meaning
+  (bottom-right aligned, -1 unbounded): ``window_from_flash_attn((l, r))``.
+* "a window of W keys including the query's own position": causal ``(W - 1, 0)``;
+  centred (W odd) ``((W - 1) // 2, (W - 1) // 2)``: ``window_from_num_keys(W)``.
+
+A query row with no visible key (all its band padded, or before the first key
+under causal with Nq > Nk) returns zeros, log-sum-exp -inf and zero gradients,
+never NaN.
+
+Dropout
+-------
+``dropout_p`` drops normalised probabilities: P_ij is kept iff
+``philox_uniform(seed, ((b * Hq + h) * Nq + i) * Nk + j) >= dropout_p`` and kept
+values are scaled by 1 / (1 - dropout_p).  The kernel draws the same numbers with
+``tl.rand`` and regenerates them in the backward pass, so both paths compute the
+same function for the same seed.  ``seed=None`` draws one from torch's default
+generator (``torch.manual_seed`` makes runs reproducible).
+
+How autograd and the custom ops fit
+-----------------------------------
+``leedl_fast::attention_fwd(q, k, v, key_padding_mask, seed, scale, left, right,
+dropout_p) -> (o, lse)`` and ``leedl_fast::attention_bwd(...) -> (dq, dk, dv)``
+are torch custom ops with fake implementations; ``register_autograd`` ties the
+backward op to the forward.  Both paths live *inside* the ops (the Triton
+launchers of ``leedl_fast.kernels.attention``, or the torch path below), so
+``torch.compile(fullgraph=True)`` sees one opaque node whatever the device, and
+``torch.library.opcheck`` runs on CPU.  The backward is hand-written on both
+paths, from the saved (q, k, v, o, lse): FlashAttention-2's recomputation
+scheme, which never keeps the N x N probabilities.  ``lse`` is float32 (float64
+for float64 inputs) and contiguous; ``o`` has q's layout (contiguous when q is,
+else (B, N, H, D) order with the head dim last); the gradients' layouts are
+fixed per device (``_grad_layout``), because a compiled graph relies on the fake
+strides.  The seed travels as a 0-d int64 tensor so a compiled graph can draw it.
+
+The torch path (CPU fallback)
+-----------------------------
+* Without dropout it runs ATen's fused CPU attention kernels
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: the
+  ones ``scaled_dot_product_attention`` itself runs on CPU), so dense attention
+  costs what SDPA costs.  Key padding enters as a (B, 1, 1, Nk) additive mask;
+  causal attention with Nq == Nk as the kernel's own causal flag.  Grouped-query
+  attention folds the G = Hq / Hkv query heads of one key head into the kernel's
+  head axis and gives k, v a stride-0 head axis (no copy of k or v).
+* A band, or causal attention with Nq != Nk, runs over blocks of query rows:
+  each block attends only to the key slice its band can reach (with a small
+  block-local mask), forward and backward, so time and memory are O(N * w) and
+  no N x N score or mask tensor exists.
+* With dropout the same blocks run plain PyTorch math in float32 (float64 for
+  float64 inputs) with the Philox keep-mask regenerated block by block in the
+  backward; memory stays bounded by the block size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backend
+from ..random import MAX_SEED, philox_uniform
+from ._common import check_same, check_tensor
+
+__all__ = [
+    "attention", "banded_attention", "attention_reference", "normalize_window",
+    "window_from_flex_sliding", "window_from_flash_attn", "window_from_num_keys",
+]
+
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+
+# Elements of one interior kernel call's key-gradient windows (see _chunks); tests lower it.
+_CHUNK_ELEMS = 1 << 20
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# ----------------------------------------------------------------------------- windows
+
+def _check_window(window) -> tuple[int, int]:
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a pair of ints (left, right), got {window!r}")
+    out = []
+    for w in window:
+        if isinstance(w, torch.Tensor) and w.dim() == 0 and not w.dtype.is_floating_point and w.dtype != torch.bool:
+            w = int(w.item())
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise ValueError(f"window must be a pair of ints (left, right), got {window!r}")
+        if w < -1:
+            raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {window!r}")
+        out.append(int(w))
+    return out[0], out[1]
+
+
+def normalize_window(causal: bool = False, window=None) -> tuple[int, int]:
+    """The band ``(left, right)`` that ``causal`` and ``window`` together describe (-1 = unbounded).
+
+    ``causal`` intersects the window with ``j <= i + (Nk - Nq)``, so its right bound
+    becomes 0 whatever it was: ``(w, -1)``, ``(w, 0)`` and ``(w, 5)`` with
+    ``causal=True`` are all ``(w, 0)``.
+    """
+    left, right = (-1, -1) if window is None else _check_window(window)
+    if causal:
+        right = 0
+    return left, right
+
+
+def window_from_flex_sliding(w: int, causal: bool = True) -> tuple[int, int]:
+    """FlexAttention's sliding-window mask ``q_idx - kv_idx <= w`` as a ``window``.
+
+    With FlexAttention's causal mask ``q_idx >= kv_idx`` (the usual sliding-window
+    attention, w + 1 keys including self) it is ``(w, 0)``; without it ``(w, -1)``.
+    """
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise ValueError(f"w must be an int >= 0, got {w!r}")
+    return (w, 0) if causal else (w, -1)
+
+
+def window_from_flash_attn(window_size) -> tuple[int, int]:
+    """FlashAttention's ``window_size=(left, right)``: the same band, same alignment, -1 unbounded."""
+    return _check_window(window_size)
+
+
+def window_from_num_keys(num_keys: int, causal: bool = True) -> tuple[int, int]:
+    """A window of ``num_keys`` keys including the query's own position.
+
+    Causal: the query and the ``num_keys - 1`` keys before it, ``(num_keys - 1, 0)``.
+    Centred (``causal=False``, ``num_keys`` odd): ``((num_keys - 1) // 2,) * 2``.
+    """
+    if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
+        raise ValueError(f"num_keys must be an int >= 1, got {num_keys!r}")
+    if causal:
+        return num_keys - 1, 0
+    if num_keys % 2 == 0:
+        raise ValueError(f"num_keys must be odd for a centred window, got {num_keys}")
+    return (num_keys - 1) // 2, (num_keys - 1) // 2
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _visible_mask(nq: int, nk: int, left: int, right: int, key_padding_mask, device) -> torch.Tensor:
+    """(B or 1, 1, Nq, Nk) bool: True where query i may attend key j.  Dense; for the reference."""
+    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=device)[None, :]
+    vis = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= i - left
+    if right >= 0:
+        vis &= j <= i + right
+    vis = vis[None, None]
+    if key_padding_mask is not None:
+        vis = vis & ~key_padding_mask[:, None, None, :]
+    return vis
+
+
+def _dropout_keep(seed: int, b0: int, hq: int, nq: int, nk: int, shape_bh, rows: torch.Tensor,
+                  cols: torch.Tensor, p: float) -> torch.Tensor:
+    """Philox keep-mask: element (b, h, i, j) is kept iff uniform(seed, ((b*Hq+h)*Nq+i)*Nk+j) >= p.
+
+    ``shape_bh`` = (nb, nh) counts batch rows from ``b0`` and all heads; ``rows``,
+    ``cols`` are the int64 query and key indices of the block.  Result
+    (nb, nh, len(rows), len(cols)) bool."""
+    nb, nh = shape_bh
+    dev = rows.device
+    bh = (torch.arange(b0, b0 + nb, device=dev, dtype=torch.int64)[:, None] * hq
+          + torch.arange(nh, device=dev, dtype=torch.int64)[None, :])                # [nb, nh]
+    offs = (bh[:, :, None, None] * nq + rows[None, None, :, None]) * nk + cols[None, None, None, :]
+    return philox_uniform(seed, offs) >= p
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        window=None, key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        scale: Optional[float] = None, seed: Optional[int] = None,
+                        return_lse: bool = False):
+    """The definition, dense, in the inputs' dtype (use float64 inputs for a reference).
+
+    Same arguments and meaning as ``attention``; builds the full (B, Hq, Nq, Nk)
+    score matrix.  With ``return_lse=True`` returns ``(o, lse)``, ``lse`` the
+    natural-log log-sum-exp of the visible scaled scores (-inf on empty rows).
+    ``seed`` is required when ``dropout_p > 0`` (so the reference never draws).
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    left, right = normalize_window(causal, window)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    kk = k.repeat_interleave(g, dim=1)
+    vv = v.repeat_interleave(g, dim=1)
+    s = (q @ kk.transpose(-1, -2)) * scale
+    vis = _visible_mask(nq, nk, left, right, key_padding_mask, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    empty = torch.isinf(lse) & (lse < 0)
+    # exp(s - lse) is the softmax; on an empty row use 0 instead of exp(nan).
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None]).masked_fill(~vis, 0.0)
+    if dropout_p > 0:
+        if seed is None:
+            raise ValueError("attention_reference needs an explicit seed when dropout_p > 0")
+        dev = q.device
+        keep = _dropout_keep(int(seed), 0, hq, nq, nk, (b, hq), torch.arange(nq, device=dev),
+                             torch.arange(nk, device=dev), float(dropout_p))
+        p = p * keep / (1.0 - dropout_p)
+    o = p @ vv
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def _bnhd_empty(shape, dtype, device) -> torch.Tensor:
+    """An empty (B, H, N, D) tensor stored in (B, N, H, D) order."""
+    b, h, n, d = shape
+    return torch.empty(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """The layout of o (like q) and of each gradient (like its input), on every path and device:
+    the input's own strides when it is dense (as ``torch.empty_like``), else (B, N, H, D) order, which
+    is what ATen's CPU attention kernels write for such inputs (so they need no copy)."""
+    if _same_layout(torch.empty_like(t, device="meta"), t):
+        return torch.empty_like(t)
+    return _bnhd_empty(t.shape, t.dtype, t.device)
+
+
+_out_empty = _like
+_grad_empty = _like
+
+
+def _lse_empty(q: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty(q.shape[:3], dtype=dtype, device=q.device)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _conform(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in ``like``'s layout (``like`` is a freshly allocated target); no copy if equal."""
+    if _same_layout(t, like) and t.storage_offset() == like.storage_offset():
+        return t
+    like.copy_(t)
+    return like
+
+
+# ----------------------------------------------------------------------------- torch path: geometry
+
+def _visible_counts(b: int, nq: int, nk: int, left: int, right: int, kpm) -> torch.Tensor:
+    """(B or 1, Nq) int64: how many keys each query row sees.  O(B * (Nq + Nk)), no N x N tensor."""
+    dev = kpm.device if kpm is not None else torch.device("cpu")
+    pos = torch.arange(nq, device=dev, dtype=torch.int64) + (nk - nq)
+    lo = (pos - left).clamp(0, nk) if left >= 0 else torch.zeros_like(pos)
+    hi = (pos + right + 1).clamp(0, nk) if right >= 0 else torch.full_like(pos, nk)  # exclusive
+    hi = torch.maximum(hi, lo)
+    if kpm is None:
+        return (hi - lo)[None]
+    prefix = torch.zeros(kpm.shape[0], nk + 1, dtype=torch.int64, device=dev)
+    prefix[:, 1:] = torch.cumsum((~kpm).to(torch.int64), dim=1)
+    return prefix[:, hi] - prefix[:, lo]
+
+
+def _key_range(i0: int, i1: int, nq: int, nk: int, left: int, right: int) -> tuple[int, int]:
+    """Keys [lo, hi) that some query row in [i0, i1) can see (before padding)."""
+    off = nk - nq
+    lo = 0 if left < 0 else max(0, i0 + off - left)
+    hi = nk if right < 0 else min(nk, i1 - 1 + off + right + 1)
+    return lo, max(lo, hi)
+
+
+def _block_visible(i0: int, i1: int, lo: int, hi: int, nq: int, nk: int, left: int, right: int,
+                   kpm, device) -> Optional[torch.Tensor]:
+    """(B or 1, 1, rows, keys) bool visibility of a block, or None when everything in it is visible."""
+    off = nk - nq
+    band_cut = (left >= 0 and lo < (i1 - 1) + off - left) or (right >= 0 and hi - 1 > i0 + off + right)
+    vis = None
+    if band_cut:
+        i = torch.arange(i0, i1, device=device)[:, None] + off
+        j = torch.arange(lo, hi, device=device)[None, :]
+        vis = torch.ones(i1 - i0, hi - lo, dtype=torch.bool, device=device)
+        if left >= 0:
+            vis &= j >= i - left
+        if right >= 0:
+            vis &= j <= i + right
+        vis = vis[None, None]
+    if kpm is not None:
+        pad = ~kpm[:, None, None, lo:hi]
+        vis = pad if vis is None else vis & pad
+    return vis
+
+
+def _additive(vis: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    if vis is None:
+        return None
+    return torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- torch path: fused CPU kernels
+
+def _fold(q, k, v, mask):
+    """Fold grouped-query heads: q (B, Hkv*G, N, D) -> (B*Hkv, G, N, D); k, v -> (B*Hkv, G, Nk, D)
+    with a stride-0 head axis (no copy); mask batch axis B -> B*Hkv."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if g == 1:
+        return q, k, v, mask
+    qf = q.reshape(b * hkv, g, nq, d)
+    kf = k.reshape(b * hkv, 1, nk, d).expand(b * hkv, g, nk, d)
+    vf = v.reshape(b * hkv, 1, nk, d).expand(b * hkv, g, nk, d)
+    if mask is not None and mask.shape[0] != 1:
+        mask = mask[:, None].expand(mask.shape[0], hkv, *mask.shape[1:]).reshape(b * hkv, *mask.shape[1:])
+    return qf, kf, vf, mask
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _effective_band(nq: int, nk: int, left: int, right: int) -> tuple[int, int]:
+    """The same band with bounds that never bind replaced by -1 (a window wider than the sequence)."""
+    if left >= nk - 1:
+        left = -1
+    if right >= nq - 1:
+        right = -1
+    return left, right
+
+
+def _mergeable(*xs: torch.Tensor) -> bool:
+    """True when each tensor's first two axes merge into one without a copy."""
+    return all(x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1) for x in xs)
+
+
+def _batch_views(b: int, per_batch: bool):
+    """Selectors turning a (B, H, ...) tensor into (Z, ...) views: one over all of B*H, or one per b."""
+    if not per_batch:
+        return [lambda x: x.flatten(0, 1)]
+    return [(lambda x, i=i: x[i]) for i in range(b)]
+
+
+def _heads(x: torch.Tensor, g: int, groups: int) -> torch.Tensor:
+    """The query heads h = hk * groups + g of x (B, Hq, ...), as (B, Hkv, ...): a view."""
+    return x if groups == 1 else x.unflatten(1, (-1, groups))[:, :, g]
+
+
+def _windows(x: torch.Tensor, start: int, count: int, step: int, width: int) -> torch.Tensor:
+    """View of x (Z, N, ...) as ``count`` windows of ``width`` positions every ``step`` from ``start``:
+    (Z, count, width, ...).  Windows overlap when width > step (keys); no copy either way."""
+    st = x.stride()
+    return x.as_strided((x.shape[0], count, width, *x.shape[2:]), (st[0], step * st[1], st[1], *st[2:]),
+                        x.storage_offset() + start * st[1])
+
+
+def _band_tiling(nq: int, nk: int, left: int, right: int) -> tuple[int, int, int, int]:
+    """For a finite band: rows per block ``bm``, key window ``span`` (a multiple of bm, covering
+    bm + left + right keys) and the blocks ``t_lo <= t < t_hi`` whose window lies inside [0, Nk)."""
+    w = left + right + 1
+    bm = 64 if w <= 192 else (128 if w <= 768 else 256)
+    span = -(-(bm + left + right) // bm) * bm
+    off = nk - nq
+    t_lo = max(0, -(-(left - off) // bm))
+    t_hi = min(nq // bm, (nk - span - off + left) // bm + 1)
+    return bm, span, t_lo, max(t_lo, t_hi)
+
+
+def _band_additive(bm: int, span: int, left: int, right: int, dtype, device) -> torch.Tensor:
+    """(1, 1, bm, span) additive mask of a block in its key window: row r sees columns r .. r+left+right."""
+    r = torch.arange(bm, device=device)[:, None]
+    c = torch.arange(span, device=device)[None, :]
+    return torch.zeros(bm, span, dtype=dtype, device=device).masked_fill_((c < r) | (c > r + left + right),
+                                                                           float("-inf"))[None, None]
+
+
+def _chunks(r0: int, nt: int, bm: int, span: int, z: int, d: int):
+    """Split the interior blocks into kernel calls whose key-gradient windows (z, blocks, span, d)
+    hold about 2**20 elements, so the backward's transient memory stays a few MB."""
+    per_call = max(1, _CHUNK_ELEMS // (span * z * d))
+    for t in range(0, nt, per_call):
+        yield r0 + t * bm, min(per_call, nt - t)
+
+
+def _loop_ranges(nq: int, nk: int, left: int, right: int):
+    """Row ranges for the block loop, and the tiled interior (bm, span, r0, nt) or None."""
+    if left >= 0 and right >= 0:
+        bm, span, t_lo, t_hi = _band_tiling(nq, nk, left, right)
+        if t_hi > t_lo:
+            r0, r1 = t_lo * bm, t_hi * bm
+            return bm, [(0, r0), (r1, nq)], (bm, span, r0, t_hi - t_lo)
+        return bm, [(0, nq)], None
+    return 256, [(0, nq)], None
+
+
+def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    causal_square = left < 0 and right == 0 and nq == nk
+    if (left < 0 and right < 0) or causal_square:
+        mask = _additive(None if kpm is None else ~kpm[:, None, None, :], q.dtype)
+        qf, kf, vf, mf = _fold(q, k, v, mask)
+        of, lf = _cpu_flash(qf, kf, vf, 0.0, causal_square, attn_mask=mf, scale=scale)
+        o = _conform(of.reshape(b, hq, nq, d), o)
+        lse.copy_(lf.reshape(b, hq, nq))
+        return o
+    bm, ranges, interior = _loop_ranges(nq, nk, left, right)
+    for r0, r1 in ranges:
+        for i0 in range(r0, r1, bm):
+            i1 = min(r1, i0 + bm)
+            lo, hi = _key_range(i0, i1, nq, nk, left, right)
+            if hi == lo:
+                o[:, :, i0:i1] = 0
+                lse[:, :, i0:i1] = float("-inf")
+                continue
+            mask = _additive(_block_visible(i0, i1, lo, hi, nq, nk, left, right, kpm, q.device), q.dtype)
+            qf, kf, vf, mf = _fold(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask)
+            of, lf = _cpu_flash(qf, kf, vf, 0.0, False, attn_mask=mf, scale=scale)
+            o[:, :, i0:i1] = of.reshape(b, hq, i1 - i0, d)
+            lse[:, :, i0:i1] = lf.reshape(b, hq, i1 - i0)
+    if interior is None:
+        return o
+    # The interior blocks in one kernel call per (query-head group[, batch row]): block t's rows
+    # attend to a key window that is a strided view of k (windows overlap; nothing is copied).
+    bm, span, r0_all, nt_all = interior
+    band = _band_additive(bm, span, left, right, q.dtype, q.device)
+    per_batch = kpm is not None or not _mergeable(q, k, v, o, lse)
+    z = (1 if per_batch else b) * hkv
+    for r0, nt in _chunks(r0_all, nt_all, bm, span, z, d):
+        ks0 = r0 + (nk - nq) - left
+        for g in range(groups):
+            qg, og, lg = _heads(q, g, groups), _heads(o, g, groups), _heads(lse, g, groups)
+            for bi, sel in enumerate(_batch_views(b, per_batch)):
+                mask = band
+                if kpm is not None:
+                    kw_pad = _windows(kpm[bi][None], ks0, nt, bm, span)[0]               # [nt, span]
+                    mask = band.expand(1, nt, bm, span).masked_fill(kw_pad[None, :, None, :], float("-inf"))
+                of, lf = _cpu_flash(_windows(sel(qg), r0, nt, bm, bm), _windows(sel(k), ks0, nt, bm, span),
+                                    _windows(sel(v), ks0, nt, bm, span), 0.0, False, attn_mask=mask, scale=scale)
+                _windows(sel(og), r0, nt, bm, bm).copy_(of)
+                _windows(sel(lg), r0, nt, bm, bm).copy_(lf)
+    return o
+
+
+def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    # Empty rows carry lse = -inf; the kernel wants a finite value there (their scores are all
+    # -inf, so any finite lse gives P = 0 and zero gradients).
+    lse = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)
+    causal_square = left < 0 and right == 0 and nq == nk
+
+    def run(i0, i1, lo, hi, causal, mask):
+        qf, kf, vf, mf = _fold(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask)
+        dof = do[:, :, i0:i1].reshape(qf.shape)
+        of = o[:, :, i0:i1].reshape(qf.shape)
+        lf = lse[:, :, i0:i1].reshape(qf.shape[:3])
+        return _cpu_flash_bwd(dof, qf, kf, vf, of, lf, 0.0, causal, attn_mask=mf, scale=scale)
+
+    if (left < 0 and right < 0) or causal_square:
+        mask = _additive(None if kpm is None else ~kpm[:, None, None, :], q.dtype)
+        gq, gk, gv = run(0, nq, 0, nk, causal_square, mask)
+        dq = _conform(gq.reshape(b, hq, nq, d), dq)
+        if groups == 1:
+            return dq, _conform(gk, dk), _conform(gv, dv)
+        torch.sum(gk.view(b, hkv, groups, nk, d), dim=2, out=dk)
+        torch.sum(gv.view(b, hkv, groups, nk, d), dim=2, out=dv)
+        return dq, dk, dv
+
+    # Key gradients sum over overlapping blocks: accumulate in float32 (float64 for float64).
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dk_acc = dk.zero_() if dk.dtype == acc else torch.zeros(dk.shape, dtype=acc, device=q.device)
+    dv_acc = dv.zero_() if dv.dtype == acc else torch.zeros(dv.shape, dtype=acc, device=q.device)
+    bm, ranges, interior = _loop_ranges(nq, nk, left, right)
+    for r0, r1 in ranges:
+        for i0 in range(r0, r1, bm):
+            i1 = min(r1, i0 + bm)
+            lo, hi = _key_range(i0, i1, nq, nk, left, right)
+            if hi == lo:
+                dq[:, :, i0:i1] = 0
+                continue
+            mask = _additive(_block_visible(i0, i1, lo, hi, nq, nk, left, right, kpm, q.device), q.dtype)
+            gq, gk, gv = run(i0, i1, lo, hi, False, mask)
+            dq[:, :, i0:i1] = gq.reshape(b, hq, i1 - i0, d)
+            dk_acc[:, :, lo:hi] += gk.view(b, hkv, groups, hi - lo, d).sum(2) if groups > 1 else gk
+            dv_acc[:, :, lo:hi] += gv.view(b, hkv, groups, hi - lo, d).sum(2) if groups > 1 else gv
+    if interior is not None:
+        bm, span, r0_all, nt_all = interior
+        band = _band_additive(bm, span, left, right, q.dtype, q.device)
+        per_batch = kpm is not None or not _mergeable(q, k, v, o, lse, do, dq, dk_acc, dv_acc)
+        z = (1 if per_batch else b) * hkv
+        for r0, nt in _chunks(r0_all, nt_all, bm, span, z, d):
+            ks0 = r0 + (nk - nq) - left
+            for g in range(groups):
+                qg, og, lg = _heads(q, g, groups), _heads(o, g, groups), _heads(lse, g, groups)
+                dog, dqg = _heads(do, g, groups), _heads(dq, g, groups)
+                for bi, sel in enumerate(_batch_views(b, per_batch)):
+                    mask = band
+                    if kpm is not None:
+                        kw_pad = _windows(kpm[bi][None], ks0, nt, bm, span)[0]
+                        mask = band.expand(1, nt, bm, span).masked_fill(kw_pad[None, :, None, :], float("-inf"))
+                    gq, gk, gv = _cpu_flash_bwd(
+                        _windows(sel(dog), r0, nt, bm, bm), _windows(sel(qg), r0, nt, bm, bm),
+                        _windows(sel(k), ks0, nt, bm, span), _windows(sel(v), ks0, nt, bm, span),
+                        _windows(sel(og), r0, nt, bm, bm), _windows(sel(lg), r0, nt, bm, bm),
+                        0.0, False, attn_mask=mask, scale=scale)
+                    _windows(sel(dqg), r0, nt, bm, bm).copy_(gq)
+                    # Window t's key chunk c lands on keys ks0 + (t + c) * bm: one strided add per chunk.
+                    for c in range(span // bm):
+                        _windows(sel(dk_acc), ks0 + c * bm, nt, bm, bm).add_(gk[:, :, c * bm:(c + 1) * bm])
+                        _windows(sel(dv_acc), ks0 + c * bm, nt, bm, bm).add_(gv[:, :, c * bm:(c + 1) * bm])
+    if dk_acc is not dk:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- torch path: dropout (plain math)
+
+def _math_block_rows(b: int, hq: int, span: int) -> int:
+    """Rows per block so that one block holds about 2**19 scores (Philox works on int64 copies)."""
+    return max(1, min(1024, (1 << 19) // max(1, b * hq * span)))
+
+
+def _math_blocks(nq, nk, left, right, b, hq):
+    span_max = nk if (left < 0 or right < 0) else min(nk, left + right + 1)
+    bm = _math_block_rows(b, hq, span_max + 64)
+    for i0 in range(0, nq, bm):
+        i1 = min(nq, i0 + bm)
+        lo, hi = _key_range(i0, i1, nq, nk, left, right)
+        yield i0, i1, lo, hi
+
+
+def _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc):
+    """Scaled scores of a block with invisible entries at -inf: (B, Hkv, G, rows, keys), and visibility."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qb = q[:, :, i0:i1].to(acc).reshape(b, hkv, g, i1 - i0, d)
+    kb = k[:, :, lo:hi].to(acc)[:, :, None]                                            # [B, Hkv, 1, keys, D]
+    s = (qb @ kb.transpose(-1, -2)) * scale                                            # [B, Hkv, G, rows, keys]
+    vis = _block_visible(i0, i1, lo, hi, nq, nk, left, right, kpm, q.device)
+    if vis is not None:
+        s = s.masked_fill(~vis[:, :, None], float("-inf"))
+    return s, qb, kb
+
+
+def _math_keep(seed, q, nk, i0, i1, lo, hi, p):
+    b, hq, nq, _ = q.shape
+    dev = q.device
+    return _dropout_keep(seed, 0, hq, nq, nk, (b, hq), torch.arange(i0, i1, device=dev, dtype=torch.int64),
+                         torch.arange(lo, hi, device=dev, dtype=torch.int64), p)
+
+
+def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for i0, i1, lo, hi in _math_blocks(nq, nk, left, right, b, hq):
+        if hi == lo:
+            o[:, :, i0:i1] = 0
+            lse[:, :, i0:i1] = float("-inf")
+            continue
+        s, _, _ = _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros((), dtype=acc), m)                   # empty rows: exp(-inf) = 0
+        e = torch.exp(s - m)
+        den = e.sum(-1, keepdim=True)
+        lse_b = (m + torch.log(den)).squeeze(-1)                                          # -inf where den = 0
+        prob = e / torch.where(den == 0, torch.ones((), dtype=acc), den)
+        if p > 0:
+            keep = _math_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, i1 - i0, hi - lo)
+            prob = prob * keep * (1.0 / (1.0 - p))
+        vb = v[:, :, lo:hi].to(acc)[:, :, None]                                           # [B, Hkv, 1, keys, D]
+        o[:, :, i0:i1] = (prob @ vb).reshape(b, hq, i1 - i0, d)
+        lse[:, :, i0:i1] = lse_b.reshape(b, hq, i1 - i0)
+    return o
+
+
+def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dk_acc = torch.zeros(dk.shape, dtype=acc, device=q.device)
+    dv_acc = torch.zeros(dv.shape, dtype=acc, device=q.device)
+    for i0, i1, lo, hi in _math_blocks(nq, nk, left, right, b, hq):
+        rows = i1 - i0
+        if hi == lo:
+            dq[:, :, i0:i1] = 0
+            continue
+        s, qb, kb = _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc)
+        lse_b = lse[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, 1)
+        lse_b = torch.where(torch.isinf(lse_b), torch.zeros((), dtype=acc), lse_b)
+        prob = torch.exp(s - lse_b)                                                        # [B, Hkv, G, rows, keys]
+        dob = do[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, d)
+        vb = v[:, :, lo:hi].to(acc)[:, :, None]
+        dprob = dob @ vb.transpose(-1, -2)                                                 # dL/d(dropped P)
+        if p > 0:
+            keep = _math_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, rows, hi - lo)
+            pdrop = prob * keep * (1.0 / (1.0 - p))
+            dprob = dprob * keep * (1.0 / (1.0 - p))
+        else:
+            pdrop = prob
+        # rowsum(P * dP) = rowsum(dO * O): O = P_dropped V (Dao, FlashAttention-2, sec. 3.1).
+        delta = (dob * o[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, d)).sum(-1, keepdim=True)
+        ds = prob * (dprob - delta) * scale
+        dq[:, :, i0:i1] = (ds @ kb).reshape(b, hq, rows, d)
+        dk_acc[:, :, lo:hi] += (ds.transpose(-1, -2) @ qb).sum(2)
+        dv_acc[:, :, lo:hi] += (pdrop.transpose(-1, -2) @ dob).sum(2)
+    dk.copy_(dk_acc)
+    dv.copy_(dv_acc)
+    return dq, dk, dv
+
+
+def _attention_fwd_torch(q, k, v, kpm, scale, left, right, p, seed):
+    o = _out_empty(q)
+    lse = _lse_empty(q)
+    left, right = _effective_band(q.shape[2], k.shape[2], left, right)
+    if p > 0:
+        o = _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse)
+    else:
+        o = _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse)
+    if kpm is not None or left >= 0 or right >= 0:
+        empty = _visible_counts(q.shape[0], q.shape[2], k.shape[2], left, right, kpm) == 0   # [B or 1, Nq]
+        if bool(empty.any()):
+            e = empty[:, None, :]
+            lse.masked_fill_(e, float("-inf"))
+            o.masked_fill_(e[..., None], 0.0)
+    return o, lse
+
+
+def _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, p, seed):
+    dq, dk, dv = _grad_empty(q), _grad_empty(k), _grad_empty(v)
+    left, right = _effective_band(q.shape[2], k.shape[2], left, right)
+    if p > 0:
+        return _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
+    return _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _use_triton(q: torch.Tensor) -> bool:
+    return q.dtype != torch.float64 and backend.select("attention", q) == "triton"
+
+
+def _seed_int(seed: Optional[torch.Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("leedl_fast::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                      seed: Optional[torch.Tensor], scale: float, left: int, right: int,
+                      dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _use_triton(q):
+        return _attention_fwd_torch(q, k, v, key_padding_mask, scale, left, right, dropout_p, _seed_int(seed))
+    from leedl_fast.kernels.attention import attention_fwd
+
+    o, lse = attention_fwd(q, k, v, scale=scale, left=left, right=right, key_padding_mask=key_padding_mask,
+                           dropout_p=dropout_p, seed=_seed_int(seed))
+    lse_out = _lse_empty(q)
+    return _conform(o, _out_empty(q)), _conform(lse, lse_out)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, seed, scale, left, right, dropout_p):
+    return _out_empty(q), _lse_empty(q)
+
+
+@torch.library.custom_op("leedl_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                      scale: float, left: int, right: int,
+                      dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _use_triton(q):
+        return _attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask, scale, left, right, dropout_p,
+                                    _seed_int(seed))
+    from leedl_fast.kernels.attention import attention_bwd
+
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, scale=scale, left=left, right=right,
+                               key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=_seed_int(seed))
+    return _conform(dq, _grad_empty(q)), _conform(dk, _grad_empty(k)), _conform(dv, _grad_empty(v))
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, key_padding_mask, seed, scale, left, right, dropout_p):
+    return _grad_empty(q), _grad_empty(k), _grad_empty(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kpm, seed, scale, left, right, dropout_p = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, kpm, seed)
+    ctx.args = (scale, left, right, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, kpm, seed = ctx.saved_tensors
+    scale, left, right, dropout_p = ctx.args
+    if do is None:
+        return (None,) * 9
+    dq, dk, dv = _attention_bwd_op(do.to(o.dtype), q, k, v, o, lse, kpm, seed, scale, left, right, dropout_p)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("leedl_fast::attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, seed):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    check_same(("q", "k", "v"), (q, k, v))
+    b, hq, nq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {b}")
+    if k.shape[3] != d:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {d}")
+    hkv, nk = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q's head count {hq} must be a multiple of k's {hkv} (grouped-query attention)")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+    if nq < 1 or nk < 1:
+        raise ValueError(f"q and k need at least one position each, got Nq={nq}, Nk={nk}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be a bool tensor (True = ignore that key), got "
+                             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if tuple(key_padding_mask.shape) != (b, nk):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(b, nk)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+    return normalize_window(causal, window)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, window=None,
+              key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+              scale: Optional[float] = None, seed: Optional[int] = None) -> torch.Tensor:
+    """Softmax attention ``softmax(scale * q k^T + mask) v`` without materialising the attention matrix.
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv (GQA/MQA, no copies).
+            float16, bfloat16, float32 (float64 on the torch path); any strides; 16 <= D <= 256;
+            Nq, Nk >= 1, Nq != Nk allowed.
+        causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned).
+        window: None or (left, right): query i sees keys i + (Nk - Nq) - left .. i + (Nk - Nq) + right,
+            inclusive, -1 = unbounded on that side.  With ``causal`` the right bound is 0.  See the
+            module docstring for converters from FlexAttention / FlashAttention conventions.
+        key_padding_mask: (B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention).
+        dropout_p: probability of dropping an attention probability, in [0, 1).
+        scale: multiplies q k^T; default 1 / sqrt(D).
+        seed: Philox seed for the dropout mask; None draws one from torch's default generator.
+
+    Returns (B, Hq, Nq, D) in q's dtype; rows with no visible key are zeros (zero gradients).
+    Runs the Triton kernels for CUDA tensors (``leedl_fast.backend``), the torch path otherwise:
+    ATen's fused CPU attention kernels, over blocks of query rows for a band (O(N * w)).  On GPU,
+    float32 inputs use TF32 tensor-core products (``tl.dot``), so float32 results carry about
+    1e-3 relative error there.  Deterministic: the same inputs and seed give the same bits.
+    """
+    left, right = _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, seed)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    seed_t = None
+    if dropout_p > 0.0:
+        if seed is None:
+            seed_t = torch.randint(0, MAX_SEED, (), dtype=torch.int64)
+        else:
+            seed_t = torch.tensor(seed, dtype=torch.int64)
+    kpm = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    o, _ = _attention_fwd_op(q, k, v, kpm, seed_t, scale, left, right, dropout_p)
+    return o
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, window=window, **kwargs)``: query i sees keys i - left .. i + right
+    (shifted by Nk - Nq), in O(N * (left + right + 1)) time and memory on every path."""
+    if window is None:
+        raise ValueError("window must be a pair of ints (left, right) for banded_attention, got None")
+    return attention(q, k, v, window=window, **kwargs)
