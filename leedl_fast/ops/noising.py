@@ -20,9 +20,9 @@ the Triton path, custom ops with fake and autograd implementations, and public
 functions that check their arguments first.
 
 Argument checks: ``t`` outside ``[0, len(alphas_cumprod))`` raises ValueError when
-``t`` is a CPU tensor or an int; for a CUDA ``t`` the check would need a host
-sync, so it is an asynchronous device assertion instead (a RuntimeError at the
-next synchronisation).
+``t`` is a CPU tensor or an int; for a CUDA ``t`` (and inside torch.compile) the
+check would need a host sync, so it is an asynchronous assertion instead (a
+RuntimeError at the next synchronisation).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def _check_t(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
         raise ValueError(f"t must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"t is on {t.device} but x0 is on {device}")
-    if t.device.type == "cpu":
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
         if batch and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
             raise ValueError(f"t must lie in [0, {num_timesteps}), got values in [{int(t.min())}, {int(t.max())}]")
     elif batch:

@@ -1,0 +1,146 @@
+"""Reverse-process samplers: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021), one fused kernel per step.
+
+They mirror diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` with "leading"
+timestep spacing (steps_offset 0): ``timesteps`` are ``arange(n) * (T // n)``
+reversed, and ``step(model_output, t, x_t)`` equals the diffusers ``step`` given
+the same noise.  The six coefficients of every step (see
+``leedl_fast.ops.noising.ddpm_step_coefficients``) are computed once, in float64,
+when the sampler is built, so a step is one elementwise kernel and no host work
+beyond a table lookup.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..ops.noising import (PREDICTION_TYPES, VARIANCE_TYPES, _check_seed, ddim_step_coefficients,
+                           ddpm_step_coefficients, fused_step)
+from .schedule import NoiseSchedule
+
+__all__ = ["DDPMSampler", "DDIMSampler"]
+
+
+def _leading_timesteps(num_train: int, n: int) -> torch.Tensor:
+    ratio = num_train // n
+    return (torch.arange(n, dtype=torch.int64) * ratio).flip(0)
+
+
+class _Sampler:
+    """Shared machinery: the coefficient table, per-device copies, the step and the sampling loop."""
+
+    def _build(self, schedule: NoiseSchedule, timesteps: torch.Tensor, rows: list, noise_flags: list,
+               clip_sample: bool, clip_sample_range: float) -> None:
+        self.schedule = schedule
+        self.timesteps = timesteps
+        self.clip_sample = bool(clip_sample)
+        self.clip_sample_range = float(clip_sample_range)
+        self._index = {int(t): i for i, t in enumerate(timesteps.tolist())}
+        self._table64 = torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._add_noise = noise_flags
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = self._table64.to(torch.float32).to(device)
+        return self._tables[device]
+
+    def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, *, noise: torch.Tensor | None = None,
+             seed: int | None = None) -> torch.Tensor:
+        """x at the previous timestep of ``self.timesteps`` from the model output at ``t`` (one kernel).
+
+        ``noise``: the Gaussian noise to add (x_t's shape), or it is drawn from the
+        Philox stream of ``seed`` (from torch's generator when None)."""
+        key = int(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+        if isinstance(key, bool) or not isinstance(key, int) or key not in self._index:
+            raise ValueError(f"t={t!r} is not one of this sampler's timesteps")
+        i = self._index[key]
+        if not isinstance(x_t, torch.Tensor):
+            raise ValueError("x_t must be a torch.Tensor")
+        return fused_step(model_output, x_t, self._table(x_t.device)[i], add_noise=self._add_noise[i],
+                          clip_range=self.clip_sample_range if self.clip_sample else None, noise=noise, seed=seed)
+
+    @torch.no_grad()
+    def generate(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape, *,
+                 seed: int | None = None, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        """Run the whole chain from x_T ~ N(0, I) of ``shape``: ``model_fn(x, t)`` (t a (B,) int64 tensor)
+        returns the model output.  ``seed`` makes the run reproducible (initial noise and every step)."""
+        gen = torch.Generator()
+        if seed is not None:
+            gen.manual_seed(_check_seed(seed))
+        else:
+            gen.seed()
+        x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        for t in self.timesteps.tolist():
+            tt = torch.full((shape[0],), t, dtype=torch.int64, device=device)
+            out = model_fn(x, tt)
+            step_seed = int(torch.randint(0, 2**62, (), generator=gen))
+            x = self.step(out.to(dtype), t, x, seed=step_seed)
+        return x
+
+
+def _check_common(schedule, prediction_type, n):
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    T = schedule.num_train_timesteps
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T):
+        raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {n!r}")
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral DDPM sampling (diffusers' DDPMScheduler.step): x0_hat from the model output, optional
+    clipping, the posterior mean of q(x_{t'} | x_t, x0_hat) and, for t > 0, noise of variance
+    "fixed_small" (the posterior variance) or "fixed_large" (beta_t).  ``num_inference_steps=None``
+    walks all T steps."""
+
+    def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None = None,
+                 prediction_type: str = "epsilon", clip_sample: bool = True, variance_type: str = "fixed_small",
+                 clip_sample_range: float = 1.0):
+        _check_common(schedule, prediction_type, num_inference_steps)
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
+        T = schedule.num_train_timesteps
+        n = T if num_inference_steps is None else num_inference_steps
+        self.num_inference_steps = num_inference_steps
+        self.prediction_type, self.variance_type = prediction_type, variance_type
+        timesteps = _leading_timesteps(T, n)
+        ac = schedule.alphas_cumprod.cpu().tolist()
+        ts = timesteps.tolist()
+        rows, flags = [], []
+        for i, t in enumerate(ts):
+            prev = ts[i + 1] if i + 1 < len(ts) else -1
+            coefs, add = ddpm_step_coefficients(ac[t], ac[prev] if prev >= 0 else 1.0, t, prediction_type,
+                                                variance_type)
+            rows.append(coefs)
+            flags.append(add)
+        self._build(schedule, timesteps, rows, flags, clip_sample, clip_sample_range)
+
+
+class DDIMSampler(_Sampler):
+    """Deterministic (eta = 0) or stochastic DDIM steps (diffusers' DDIMScheduler.step with
+    set_alpha_to_one=True, use_clipped_model_output=False): x_{t'} = sqrt(abar_t') x0_hat
+    + sqrt(1 - abar_t' - s^2) eps_hat + s z, s = eta sqrt((1-abar_t')/(1-abar_t) (1 - abar_t/abar_t'))."""
+
+    def __init__(self, schedule: NoiseSchedule, num_inference_steps: int, eta: float = 0.0,
+                 prediction_type: str = "epsilon", clip_sample: bool = True, clip_sample_range: float = 1.0,
+                 set_alpha_to_one: bool = True):
+        _check_common(schedule, prediction_type, num_inference_steps)
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps is required for DDIM")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+            raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+        T = schedule.num_train_timesteps
+        self.num_inference_steps, self.eta, self.prediction_type = num_inference_steps, float(eta), prediction_type
+        timesteps = _leading_timesteps(T, num_inference_steps)
+        ac = schedule.alphas_cumprod.cpu().tolist()
+        final = 1.0 if set_alpha_to_one else ac[0]
+        ratio = T // num_inference_steps
+        rows, flags = [], []
+        for t in timesteps.tolist():
+            prev = t - ratio
+            coefs, add = ddim_step_coefficients(ac[t], ac[prev] if prev >= 0 else final, prediction_type, self.eta)
+            rows.append(coefs)
+            flags.append(add)
+        self._build(schedule, timesteps, rows, flags, clip_sample, clip_sample_range)
