@@ -270,6 +270,14 @@ def _json_args(args: argparse.Namespace) -> dict:
     return out
 
 
+def _mismatch(exc: Exception) -> str:
+    """The informative line of ``load_state_dict``'s error (its first line only names the class)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+    more = len(lines) - 2
+    return detail[:300] + (f" (and {more} more)" if more > 0 else "")
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
@@ -295,8 +303,7 @@ def _load_states(payload: dict, models: dict, optimizers: dict, recipe, path: Pa
         try:
             _unwrap(model).load_state_dict(saved_models[name])
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit model {name!r}: {first}") from None
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit model {name!r}: {_mismatch(exc)}") from None
     for name, opt in optimizers.items():
         try:
             opt.load_state_dict(saved_opts[name])
@@ -490,7 +497,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
             say("note: matplotlib is not installed; no loss.png (pip install 'leedl_fast[demo]')")
         tail = history[-max(1, len(history) // 10):]
         final = {}
-        for k in {k for _, l in tail for k in l}:
+        for k in dict.fromkeys(k for _, l in tail for k in l):
             vals = [l[k] for _, l in tail if k in l]
             final[k] = float(sum(vals) / len(vals))
         metrics = recipe.finish({k: _unwrap(m) for k, m in models.items()}, args, out) or {}
@@ -524,8 +531,8 @@ def sample(recipe, args: argparse.Namespace, payload: dict, checkpoint_path: Pat
         try:
             model.load_state_dict(saved[name])
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ckpt.CheckpointError(f"checkpoint {checkpoint_path} does not fit model {name!r}: {first}") from None
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint_path} does not fit model {name!r}: {_mismatch(exc)}") from None
         model.eval()
     recipe.load_state_dict(payload.get("recipe_state", {}))
     out = Path(args.out)

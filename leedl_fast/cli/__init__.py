@@ -34,9 +34,10 @@ _BUILTIN_EXTRAS: dict[tuple[str, str], list[tuple[tuple[str, ...], dict]]] = {
     ("sample", "diffusion"): [
         (("--sampler",), dict(choices=["ddpm", "ddim"], default="ddim",
                               help="ddpm: the full ancestral chain; ddim: --steps evenly spaced steps (default)")),
-        (("--eta",), dict(type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 like DDPM")),
+        (("--per-class",), dict(dest="eval_per_class", type=int, default=10, help="samples per digit (default 10)")),
     ],
 }
+_SAMPLE_SUFFIX = {"transformer": ".txt"}  # what a recipe's sample() writes, when not a picture
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,11 +125,11 @@ def recipe_parser(command: str, name: str, cls: type) -> argparse.ArgumentParser
     else:
         p.add_argument("--checkpoint", "--resume", dest="checkpoint", type=Path,
                        default=Path("runs") / name / "checkpoint.pt", help="default %(default)s")
-        p.add_argument("--out", type=Path, default=Path("runs") / name / "samples.png",
+        suffix = getattr(cls, "sample_suffix", None) or _SAMPLE_SUFFIX.get(name, ".png")
+        p.add_argument("--out", type=Path, default=Path("runs") / name / f"samples{suffix}",
                        help="picture/text file to write, or a folder (default %(default)s)")
         p.add_argument("--steps", type=int, default=None, help="sampling steps where the model has them "
                        "(diffusion); default: the recipe's")
-        p.add_argument("--num-samples", type=int, default=64, help="how many samples (default %(default)s)")
         p.add_argument("--batch-size", type=int, default=defaults.get("batch_size", 32), help=argparse.SUPPRESS)
         p.add_argument("--lr", type=float, default=defaults.get("lr", 1e-3), help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:N")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="info, bench --quick and a short run of every demo; everything under --out")
     s.add_argument("--out", type=Path, default=Path("demo_out"), help="default %(default)s")
     s.add_argument("--steps", type=int, default=None, help="steps per demo (default: each recipe's demo setting)")
-    s.add_argument("--max-seconds", type=float, default=100.0,
+    s.add_argument("--max-seconds", type=float, default=75.0,
                    help="training time budget per demo, in seconds (default %(default)s)")
     s.add_argument("--device", default="auto")
     s.add_argument("--only", type=_csv_list, default=None, help="comma-separated demos to run (default: all)")
@@ -237,8 +238,8 @@ def _cmd_train(ns) -> int:
     return 0
 
 
-_SAMPLE_OWN = {"steps", "out", "device", "seed", "checkpoint", "resume", "checkpoint_every", "num_samples",
-               "sampler", "eta", "max_seconds", "progress", "recipe"}
+_SAMPLE_OWN = {"steps", "out", "device", "seed", "checkpoint", "resume", "checkpoint_every", "max_seconds",
+               "progress", "recipe"}
 
 
 def _cmd_sample(ns) -> int:
@@ -329,7 +330,9 @@ def _demo_summary(out: Path, info_text: str, bench_md: Path | None, runs, failur
     lines = ["# leedl_fast demo", "", f"Finished in {seconds:.0f} s.", "", "## Backend", "", "```", info_text.rstrip(),
              "```", "", "## Benchmarks", ""]
     if bench_md is not None:
-        lines += [f"From `{bench_md.relative_to(out)}`:", "", bench_md.read_text().strip(), ""]
+        table = [("###" + line.lstrip("#") if line.startswith("#") else line)  # its title under ours
+                 for line in bench_md.read_text().strip().splitlines()]
+        lines += [f"From `{bench_md.relative_to(out)}`:", "", *table, ""]
         pngs = sorted((out / "bench").glob("*.png"))
         lines += [f"![{p.stem}]({p.relative_to(out)})" for p in pngs] + [""]
     else:

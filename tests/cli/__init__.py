@@ -37,6 +37,8 @@ class ToyRecipe:
     @staticmethod
     def add_arguments(parser, command):
         parser.add_argument("--hidden", type=int, default=8, help="hidden units")
+        if command == "sample":
+            parser.add_argument("--num-samples", type=int, default=4, help="rows to write")
 
     def build(self, args, device):
         hidden = getattr(args, "hidden", 8)
