@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import math
@@ -403,7 +404,12 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
     if info.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_kwargs = {"broadcast_buffers": False, **dict(getattr(recipe, "ddp_options", {}) or {})}
+        # Buffers (BatchNorm statistics) stay per rank during training: GAN steps call a model several times
+        # before one backward, which forward-time buffer broadcasts break.  Newer torch names the switch
+        # forward_sync_buffers (still syncing once at construction, as broadcast_buffers=False did not).
+        params = inspect.signature(DDP.__init__).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        ddp_kwargs = {**no_sync, **dict(getattr(recipe, "ddp_options", {}) or {})}
         models = {
             k: (DDP(m, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
                 if any(p.requires_grad for p in m.parameters()) else m)
