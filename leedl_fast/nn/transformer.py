@@ -1,0 +1,668 @@
+"""The course's Transformer: encoder, decoder and seq2seq model as drop-ins for torch.nn's.
+
+``TransformerEncoderLayer``, ``TransformerEncoder``, ``TransformerDecoderLayer``,
+``TransformerDecoder`` and ``Transformer`` take the constructor arguments, and
+have the parameter names, state_dict keys and forward signatures, of their
+``torch.nn`` twins, so ``load_state_dict(strict=True)`` works both ways.  An
+encoder layer computes (post-norm; ``norm_first=True`` moves each norm in
+front of its block)
+
+    x = norm1(x + dropout1(self_attn(x)))
+    x = norm2(x + dropout2(linear2(dropout(activation(linear1(x))))))
+
+and a decoder layer adds masked self-attention and cross-attention over the
+encoder's output ``memory`` (Vaswani et al., 2017, "Attention Is All You Need").
+
+What differs from torch.nn:
+
+* Attention runs on ``leedl_fast.ops.attention``.  A causal mask (the
+  ``*_is_causal`` hints, or a bool/float mask equal to
+  ``generate_square_subsequent_mask``) reaches the kernel as its causal flag,
+  never as a dense N x N mask; a boolean ``*_key_padding_mask`` reaches it as
+  a per-key flag.  Other masks (arbitrary bool/float masks, float key padding
+  masks) take a dense fallback built on ``F.scaled_dot_product_attention``.
+  On the PyTorch path, plain and causal self-attention also use
+  ``F.scaled_dot_product_attention`` (torch's fused CPU kernel).
+* ``window=(left, right)`` on the layers and on ``Transformer`` restricts
+  self-attention to keys ``i - left <= j <= i + right`` (``-1``: unbounded):
+  truncated self-attention, O(N * w) on the kernel path.
+* A query row with no visible key (say a fully padded sequence) gives zeros,
+  not NaN.  ``is_causal=True`` with no mask means causal (torch.nn requires
+  the mask too).
+* Incremental decoding: ``TransformerDecoder.new_cache()`` returns a
+  ``DecoderCache``; ``decoder(new_tgt, memory, cache=cache)`` decodes only the
+  new target positions, attending to the keys/values of all earlier positions
+  kept in the cache, and gives the same result as decoding the full sequence
+  with a causal mask.  ``Transformer.generate`` does greedy seq2seq decoding
+  with it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import backend
+from ..ops.attention import MAX_HEAD_DIM as _OP_MAX_HEAD_DIM
+from ..ops.attention import MIN_HEAD_DIM as _OP_MIN_HEAD_DIM
+from ..ops.attention import attention as _attention_op
+from .multihead_attention import MultiheadAttention
+
+__all__ = [
+    "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer", "TransformerDecoder",
+    "Transformer", "DecoderCache", "LayerCache",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument handling
+# ----------------------------------------------------------------------------------------------------------------
+
+def _get_activation(activation) -> Callable[[Tensor], Tensor]:
+    if isinstance(activation, str):
+        if activation == "relu":
+            return F.relu
+        if activation == "gelu":
+            return F.gelu
+        raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
+    if callable(activation):
+        return activation
+    raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
+
+
+def _check_window(window):
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+        raise ValueError(f"window must be None or (left, right) with ints >= -1 (-1: unbounded), got {window!r}")
+    return (int(window[0]), int(window[1]))
+
+
+def _check_sizes(d_model, nhead, dim_feedforward, dropout):
+    for name, v in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if d_model % nhead:
+        raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+
+
+def _batched(x: Tensor, name: str, batch_first: bool, d_model: int) -> tuple[Tensor, bool]:
+    """``x`` with a batch dimension (an unbatched (seq, d_model) input gets one of size 1)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[-1] != d_model:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        layout = "(batch, seq, d_model)" if batch_first else "(seq, batch, d_model)"
+        raise ValueError(f"{name} must be {layout} or unbatched (seq, d_model) with d_model={d_model}, got {shape}")
+    if x.dim() == 2:
+        return x.unsqueeze(0 if batch_first else 1), True
+    return x, False
+
+
+def _unbatched(x: Tensor, unbatched: bool, batch_first: bool) -> Tensor:
+    return x.squeeze(0 if batch_first else 1) if unbatched else x
+
+
+def _seq_len(x: Tensor, batch_first: bool) -> int:
+    return x.shape[1] if (batch_first and x.dim() == 3) else x.shape[0]
+
+
+def _check_padding(name: str, kpm, batch: int, n: int, unbatched: bool):
+    if kpm is None:
+        return None
+    if not isinstance(kpm, torch.Tensor) or not (kpm.dtype == torch.bool or kpm.is_floating_point()):
+        raise ValueError(f"{name} must be a bool or float tensor, got "
+                         f"{kpm.dtype if isinstance(kpm, torch.Tensor) else type(kpm).__name__}")
+    if unbatched and kpm.dim() == 1:
+        kpm = kpm.unsqueeze(0)
+    if tuple(kpm.shape) != (batch, n):
+        raise ValueError(f"{name} must have shape (batch, seq) = ({batch}, {n}), got {tuple(kpm.shape)}")
+    return kpm
+
+
+def _check_mask(name: str, mask, nq: int, nk: int):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"{name} must be a bool or float tensor, got "
+                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (nq, nk):
+        raise ValueError(f"{name} must have shape ({nq}, {nk}) or (batch * nhead, {nq}, {nk}), "
+                         f"got {tuple(mask.shape)}")
+    return mask
+
+
+def _causal_pattern(nq: int, nk: int, device) -> Tensor:
+    """True where key j is in the future of query i, bottom-right aligned: j > i + nk - nq."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).triu_(1 + nk - nq)
+
+
+def _is_causal_mask(mask: Tensor, nq: int, nk: int) -> bool:
+    """Whether ``mask`` (bool: True = masked; float: additive) is exactly the causal mask.
+
+    A data-dependent test (one host sync), skipped while torch.compile traces:
+    there a mask takes the dense path."""
+    if mask.dim() != 2 or torch.compiler.is_compiling():
+        return False
+    pattern = _causal_pattern(nq, nk, mask.device)
+    if mask.dtype == torch.bool:
+        return torch.equal(mask, pattern)
+    return torch.equal(mask, torch.zeros(nq, nk, dtype=mask.dtype, device=mask.device).masked_fill_(pattern, float("-inf")))
+
+
+def _resolve_mask(mask, is_causal, nq: int, nk: int) -> tuple[bool, Tensor | None]:
+    """(causal flag, dense mask or None).  The ``is_causal`` hint is trusted for square masks, as torch.nn does;
+    otherwise a mask equal to the causal one is recognised and dropped in favour of the flag."""
+    if mask is None:
+        return bool(is_causal), None
+    if is_causal and nq == nk:
+        return True, None
+    if _is_causal_mask(mask, nq, nk):
+        return True, None
+    return False, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+
+def _to_heads(x: Tensor, batch_first: bool) -> Tensor:
+    """(B, N, H, D) [batch first] or (N, B, H, D) -> (B, H, N, D), a view."""
+    return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)
+
+
+def _from_heads(o: Tensor, batch_first: bool) -> Tensor:
+    """(B, H, N, D) -> (B, N, H*D) or (N, B, H*D)."""
+    o = o.transpose(1, 2) if batch_first else o.permute(2, 0, 1, 3)
+    return o.reshape(*o.shape[:2], -1)
+
+
+def _dense_attention(q, k, v, *, causal, window, mask, kpm, dropout_p) -> Tensor:
+    """Attention with an explicit additive mask: arbitrary masks and float padding masks.
+
+    Built on ``F.scaled_dot_product_attention``; rows with no visible key give zeros (their mask row is
+    cleared before the softmax so neither the output nor the gradient sees a NaN)."""
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    neg = float("-inf")
+    bias = torch.zeros(1, 1, nq, nk, dtype=q.dtype, device=q.device)
+    if mask is not None:
+        m = mask if mask.dim() == 2 else mask.view(b, h, nq, nk)
+        bias = bias.masked_fill(m, neg) if m.dtype == torch.bool else bias + m.to(q.dtype)
+    if kpm is not None:
+        p = kpm[:, None, None, :]
+        bias = bias.masked_fill(p, neg) if p.dtype == torch.bool else bias + p.to(q.dtype)
+    if causal or window is not None:
+        i = torch.arange(nq, device=q.device)[:, None] + (nk - nq)
+        j = torch.arange(nk, device=q.device)[None, :]
+        hidden = torch.zeros(nq, nk, dtype=torch.bool, device=q.device)
+        if causal:
+            hidden |= j > i
+        if window is not None:
+            if window[0] >= 0:
+                hidden |= j < i - window[0]
+            if window[1] >= 0:
+                hidden |= j > i + window[1]
+        bias = bias.masked_fill(hidden, neg)
+    dead = torch.isneginf(bias).all(-1, keepdim=True)
+    bias = bias.masked_fill(dead, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    return out.masked_fill(dead, 0.0)
+
+
+def _attend(q, k, v, *, causal, window, mask, kpm, dropout_p) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v over (B, H, N, D) heads, on the fastest path that computes it."""
+    nq, nk = q.shape[2], k.shape[2]
+    if causal and nq == 1 and window is None:
+        causal = False  # the newest query sees every key
+    op_head_dim = _OP_MIN_HEAD_DIM <= q.shape[-1] <= _OP_MAX_HEAD_DIM
+    if mask is not None or (kpm is not None and kpm.dtype != torch.bool) or not op_head_dim:
+        # head dims outside the op's range also land here (dense: O(N^2) memory, a fallback only)
+        return _dense_attention(q, k, v, causal=causal, window=window, mask=mask, kpm=kpm, dropout_p=dropout_p)
+    if (kpm is None and window is None and (not causal or nq == nk) and not torch.compiler.is_compiling()
+            and backend.select("attention", q) == "torch"):
+        # torch's fused CPU attention: the PyTorch path of plain and causal self-attention.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    return _attention_op(q, k, v, causal=causal, window=window, key_padding_mask=kpm, dropout_p=dropout_p)
+
+
+class LayerCache:
+    """One decoder layer's state for incremental decoding.
+
+    ``self_k`` / ``self_v``: (batch, nhead, n, head_dim) keys and values of the target positions decoded so
+    far (only the last ``left`` of them when the layer has a window ``(left, right)``); ``memory_k`` /
+    ``memory_v``: the cross-attention keys and values of ``memory``, computed on the first call."""
+
+    __slots__ = ("self_k", "self_v", "memory_k", "memory_v")
+
+    def __init__(self):
+        self.self_k = self.self_v = self.memory_k = self.memory_v = None
+
+
+class DecoderCache:
+    """The key/value cache of a ``TransformerDecoder``: one ``LayerCache`` per layer, and ``length``, the
+    number of target positions decoded so far (the position index of the next one).  Make one with
+    ``decoder.new_cache()`` per sequence batch; a call with ``cache=`` appends to it."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.length = 0
+
+
+def _self_attention(mha, x, *, batch_first, causal, window, mask, kpm, training, cache: LayerCache | None):
+    h = mha.num_heads
+    d = mha.embed_dim // h
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).unflatten(-1, (3, h, d))
+    q, k, v = (_to_heads(t, batch_first) for t in qkv.unbind(-3))
+    if cache is not None:
+        if cache.self_k is not None:
+            k = torch.cat([cache.self_k, k], dim=2)
+            v = torch.cat([cache.self_v, v], dim=2)
+        # A window (left, right) on a causal decoder never looks further back than `left` positions.
+        keep = k.shape[2] if (window is None or window[0] < 0) else min(window[0], k.shape[2])
+        cache.self_k, cache.self_v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+    o = _attend(q, k, v, causal=causal, window=window, mask=mask, kpm=kpm,
+                dropout_p=mha.dropout if training else 0.0)
+    return F.linear(_from_heads(o, batch_first), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _cross_attention(mha, x, memory, *, batch_first, causal, mask, kpm, training, cache: LayerCache | None):
+    e, h = mha.embed_dim, mha.num_heads
+    d = e // h
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    q = _to_heads(F.linear(x, w[:e], None if b is None else b[:e]).unflatten(-1, (h, d)), batch_first)
+    if cache is not None and cache.memory_k is not None:
+        k, v = cache.memory_k, cache.memory_v
+    else:
+        kv = F.linear(memory, w[e:], None if b is None else b[e:]).unflatten(-1, (2, h, d))
+        k, v = (_to_heads(t, batch_first) for t in kv.unbind(-3))
+        if cache is not None:
+            cache.memory_k, cache.memory_v = k, v
+    o = _attend(q, k, v, causal=causal, window=None, mask=mask, kpm=kpm,
+                dropout_p=mha.dropout if training else 0.0)
+    return F.linear(_from_heads(o, batch_first), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _feed_forward(layer, x: Tensor) -> Tensor:
+    y = layer.linear1(x)
+    # linear1's backward needs its input, not its output, so ReLU may overwrite it (one buffer fewer).
+    y = F.relu(y, inplace=True) if layer.activation is F.relu else layer.activation(y)
+    return layer.linear2(layer.dropout(y))
+
+
+def _mha_kwargs(window):
+    return {} if window is None else {"window": window}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention and a feed-forward network, each with a residual connection and layer norm.
+
+    Mirrors ``torch.nn.TransformerEncoderLayer`` (same arguments, parameters, state_dict keys: ``self_attn.*``,
+    ``linear1``, ``linear2``, ``norm1``, ``norm2``; same forward).  Input and output: (seq, batch, d_model),
+    or (batch, seq, d_model) with ``batch_first=True``, or unbatched (seq, d_model).  ``window=(left, right)``
+    truncates the self-attention to a band around each position.
+    """
+
+    __constants__ = ["norm_first"]
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+                 *, window: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        _check_sizes(d_model, nhead, dim_feedforward, dropout)
+        f = {"device": device, "dtype": dtype}
+        self.window = _check_window(window)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                            **_mha_kwargs(self.window), **f)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **f)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **f)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _get_activation(activation)
+        self.batch_first = batch_first
+        self.d_model = d_model
+
+    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        """``src_mask``: (seq, seq) or (batch * nhead, seq, seq), bool (True = not allowed) or float (added to
+        the scores); ``src_key_padding_mask``: (batch, seq), True (or -inf) = padding; ``is_causal``: a hint that
+        ``src_mask`` is the causal mask (or, with no mask, a request for causal attention)."""
+        x, unbatched = _batched(src, "src", self.batch_first, self.d_model)
+        n = _seq_len(x, self.batch_first)
+        batch = x.shape[0] if self.batch_first else x.shape[1]
+        mask = _check_mask("src_mask", src_mask, n, n)
+        kpm = _check_padding("src_key_padding_mask", src_key_padding_mask, batch, n, unbatched)
+        causal, mask = _resolve_mask(mask, is_causal, n, n)
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), causal, mask, kpm)
+            x = x + self.dropout2(_feed_forward(self, self.norm2(x)))
+        else:
+            x = self.norm1(x + self._sa_block(x, causal, mask, kpm))
+            x = self.norm2(x + self.dropout2(_feed_forward(self, x)))
+        return _unbatched(x, unbatched, self.batch_first)
+
+    def _sa_block(self, x, causal, mask, kpm):
+        return self.dropout1(_self_attention(self.self_attn, x, batch_first=self.batch_first, causal=causal,
+                                             window=self.window, mask=mask, kpm=kpm, training=self.training,
+                                             cache=None))
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of ``num_layers`` deep copies of ``encoder_layer``, then the optional ``norm``.
+
+    Mirrors ``torch.nn.TransformerEncoder`` (state_dict keys ``layers.<i>.*`` and ``norm.*``).
+    ``enable_nested_tensor`` and ``mask_check`` are accepted and stored; padding is handled by the attention
+    kernel's key mask, so no nested tensors are built."""
+
+    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
+                 enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
+        super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+            raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.enable_nested_tensor = enable_nested_tensor
+        self.use_nested_tensor = False
+        self.mask_check = mask_check
+
+    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        """As ``TransformerEncoderLayer.forward``; a ``mask`` equal to the causal mask is detected once here."""
+        out = src
+        causal = False
+        if isinstance(src, torch.Tensor) and self.layers:
+            batch_first = getattr(self.layers[0], "batch_first", False)
+            n = _seq_len(src, batch_first)
+            causal, mask = _resolve_mask(_check_mask("mask", mask, n, n), is_causal, n, n)
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=causal)
+        if self.norm is not None:
+            out = self.norm(out)
+        return out
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention over ``memory`` and a feed-forward network, each with a residual
+    connection and layer norm.
+
+    Mirrors ``torch.nn.TransformerDecoderLayer`` (parameters ``self_attn.*``, ``multihead_attn.*``,
+    ``linear1``, ``linear2``, ``norm1..3``; same forward).  ``window`` truncates the self-attention.
+    With ``cache=`` (a ``LayerCache``) ``tgt`` holds only new positions: see ``TransformerDecoder``.
+    """
+
+    __constants__ = ["norm_first"]
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+                 *, window: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        _check_sizes(d_model, nhead, dim_feedforward, dropout)
+        f = {"device": device, "dtype": dtype}
+        self.window = _check_window(window)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                            **_mha_kwargs(self.window), **f)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                                 batch_first=batch_first, **f)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **f)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **f)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f)
+        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = _get_activation(activation)
+        self.batch_first = batch_first
+        self.d_model = d_model
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache()
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, *, cache: LayerCache | None = None) -> Tensor:
+        x, unbatched = _batched(tgt, "tgt", self.batch_first, self.d_model)
+        mem, mem_unbatched = _batched(memory, "memory", self.batch_first, self.d_model)
+        if mem_unbatched != unbatched:
+            raise ValueError("tgt and memory must both be batched or both unbatched")
+        bdim = 0 if self.batch_first else 1
+        if x.shape[bdim] != mem.shape[bdim]:
+            raise ValueError(f"tgt and memory must have the same batch size, got {x.shape[bdim]} and {mem.shape[bdim]}")
+        n, s, batch = _seq_len(x, self.batch_first), _seq_len(mem, self.batch_first), x.shape[bdim]
+        mem_kpm = _check_padding("memory_key_padding_mask", memory_key_padding_mask, batch, s, unbatched)
+        if cache is not None:
+            if not isinstance(cache, LayerCache):
+                raise ValueError(f"cache must be a LayerCache (from new_cache()), got {type(cache).__name__}")
+            for name, value in (("tgt_mask", tgt_mask), ("memory_mask", memory_mask),
+                                ("tgt_key_padding_mask", tgt_key_padding_mask)):
+                if value is not None:
+                    raise ValueError(f"{name} is not supported with cache= (decoding with a cache is causal)")
+            causal, mask, kpm = True, None, None
+            mem_causal, mem_mask = False, None
+        else:
+            mask = _check_mask("tgt_mask", tgt_mask, n, n)
+            kpm = _check_padding("tgt_key_padding_mask", tgt_key_padding_mask, batch, n, unbatched)
+            causal, mask = _resolve_mask(mask, tgt_is_causal, n, n)
+            mem_mask = _check_mask("memory_mask", memory_mask, n, s)
+            mem_causal, mem_mask = _resolve_mask(mem_mask, memory_is_causal, n, s)
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), causal, mask, kpm, cache)
+            x = x + self._mha_block(self.norm2(x), mem, mem_causal, mem_mask, mem_kpm, cache)
+            x = x + self.dropout3(_feed_forward(self, self.norm3(x)))
+        else:
+            x = self.norm1(x + self._sa_block(x, causal, mask, kpm, cache))
+            x = self.norm2(x + self._mha_block(x, mem, mem_causal, mem_mask, mem_kpm, cache))
+            x = self.norm3(x + self.dropout3(_feed_forward(self, x)))
+        return _unbatched(x, unbatched, self.batch_first)
+
+    def _sa_block(self, x, causal, mask, kpm, cache):
+        return self.dropout1(_self_attention(self.self_attn, x, batch_first=self.batch_first, causal=causal,
+                                             window=self.window, mask=mask, kpm=kpm, training=self.training,
+                                             cache=cache))
+
+    def _mha_block(self, x, mem, causal, mask, kpm, cache):
+        return self.dropout2(_cross_attention(self.multihead_attn, x, mem, batch_first=self.batch_first,
+                                              causal=causal, mask=mask, kpm=kpm, training=self.training,
+                                              cache=cache))
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of ``num_layers`` deep copies of ``decoder_layer``, then the optional ``norm``.
+
+    Mirrors ``torch.nn.TransformerDecoder`` (state_dict keys ``layers.<i>.*``, ``norm.*``; same forward).
+
+    Incremental decoding: ``cache = decoder.new_cache()``, then for each step
+    ``decoder(tgt_new, memory, memory_key_padding_mask=..., cache=cache)`` where ``tgt_new`` holds only the
+    positions not decoded yet (usually one; their positional encoding must use offset ``cache.length``).  The
+    self-attention sees the cached keys/values of every earlier position and is causal among the new ones; the
+    cross-attention keys/values of ``memory`` are computed on the first call and reused, so pass the same
+    ``memory`` each time.  The result equals the matching rows of a full causal decoding
+    (``tgt_is_causal=True``).  ``tgt_mask``, ``memory_mask`` and ``tgt_key_padding_mask`` are not accepted
+    with a cache.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+            raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def new_cache(self) -> DecoderCache:
+        """An empty key/value cache for incremental decoding with this decoder."""
+        return DecoderCache(len(self.layers))
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False, *, cache: DecoderCache | None = None) -> Tensor:
+        out = tgt
+        causal = bool(tgt_is_causal)
+        if cache is not None:
+            if not isinstance(cache, DecoderCache) or len(cache.layers) != len(self.layers):
+                raise ValueError("cache must be a DecoderCache made by this decoder's new_cache()")
+        elif isinstance(tgt, torch.Tensor) and self.layers and tgt_mask is not None:
+            batch_first = getattr(self.layers[0], "batch_first", False)
+            n = _seq_len(tgt, batch_first)
+            causal, tgt_mask = _resolve_mask(_check_mask("tgt_mask", tgt_mask, n, n), tgt_is_causal, n, n)
+        for i, layer in enumerate(self.layers):
+            kw = {} if cache is None else {"cache": cache.layers[i]}
+            out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                        tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                        tgt_is_causal=causal, memory_is_causal=memory_is_causal, **kw)
+        if self.norm is not None:
+            out = self.norm(out)
+        if cache is not None:
+            cache.length += _seq_len(tgt, getattr(self.layers[0], "batch_first", False) if self.layers else False)
+        return out
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder Transformer of Vaswani et al. (2017); mirrors ``torch.nn.Transformer``.
+
+    Same constructor (plus ``window=`` for truncated self-attention in every layer), parameters
+    (``encoder.layers.<i>.*``, ``encoder.norm``, ``decoder.layers.<i>.*``, ``decoder.norm``), Xavier-uniform
+    initialisation of every matrix, and forward.  Inputs are already-embedded sequences: src (S, B, E),
+    tgt (T, B, E) (batch first: (B, S, E), (B, T, E)); output (T, B, E).  ``generate`` decodes greedily with
+    the decoder's key/value cache.
+    """
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = F.relu, custom_encoder: nn.Module | None = None,
+                 custom_decoder: nn.Module | None = None, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+                 *, window: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        f = {"device": device, "dtype": dtype}
+        if custom_encoder is not None:
+            self.encoder = custom_encoder
+        else:
+            layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                                            batch_first, norm_first, bias, window=window, **f)
+            self.encoder = TransformerEncoder(layer, num_encoder_layers,
+                                              nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f))
+        if custom_decoder is not None:
+            self.decoder = custom_decoder
+        else:
+            layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                                            batch_first, norm_first, bias, window=window, **f)
+            self.decoder = TransformerDecoder(layer, num_decoder_layers,
+                                              nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **f))
+        self._reset_parameters()
+        self.d_model = d_model
+        self.nhead = nhead
+        self.batch_first = batch_first
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    @staticmethod
+    def generate_square_subsequent_mask(sz: int, device=None, dtype=None) -> Tensor:
+        """The (sz, sz) causal mask: -inf above the diagonal (future positions), 0 elsewhere."""
+        return torch.triu(torch.full((sz, sz), float("-inf"), dtype=dtype or torch.float32, device=device),
+                          diagonal=1)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
+                src_is_causal: bool | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> Tensor:
+        for name, t in (("src", src), ("tgt", tgt)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or t.shape[-1] != self.d_model:
+                raise ValueError(f"{name} must have feature size d_model={self.d_model}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if src.dim() != tgt.dim():
+            raise ValueError("src and tgt must both be batched or both unbatched")
+        if src.dim() == 3:
+            bdim = 0 if self.batch_first else 1
+            if src.shape[bdim] != tgt.shape[bdim]:
+                raise ValueError(f"the batch size of src ({src.shape[bdim]}) and tgt ({tgt.shape[bdim]}) must match")
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                              is_causal=src_is_causal)
+        return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask,
+                            memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                            memory_is_causal=memory_is_causal)
+
+    @torch.no_grad()
+    def generate(self, src: Tensor, start: int | Tensor, max_len: int, *,
+                 embed: Callable[[Tensor, int], Tensor], head: Callable[[Tensor], Tensor],
+                 src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                 src_is_causal: bool | None = None, end: int | None = None) -> Tensor:
+        """Greedy sequence-to-sequence decoding with the key/value cache.
+
+        * ``src``: the embedded source, laid out as ``forward``'s (batched).
+        * ``start``: the first decoder input: a start token id (int, or a (batch,) long tensor of ids), or its
+          embedding (a float (d_model,) or (batch, d_model) tensor, positional encoding of position 0 included).
+        * ``embed(ids, offset)``: maps token ids (batch, n) at positions ``offset .. offset+n-1`` to decoder
+          inputs in the model's layout ((batch, n, d_model) if batch_first else (n, batch, d_model)), e.g. a
+          token embedding plus ``SinusoidalPositionalEncoding(...)(x, offset=offset)``.
+        * ``head(hidden)``: maps decoder outputs (same layout) to logits (..., vocab).
+        * ``end``: an end token id; a sequence that has produced it keeps producing it, and decoding stops when
+          every sequence has.
+
+        Returns the generated ids (batch, L), L <= max_len, without ``start``.  Runs without autograd; call
+        ``eval()`` first to switch dropout off.  ``leedl_fast.nn.Seq2SeqHead`` provides ``embed`` and ``head``.
+        """
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        if not isinstance(src, torch.Tensor) or src.dim() != 3:
+            raise ValueError(f"src must be a batched 3-D tensor, got "
+                             f"{tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__}")
+        bf = self.batch_first
+        batch = src.shape[0 if bf else 1]
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+        if isinstance(start, torch.Tensor) and start.is_floating_point():
+            if start.shape[-1] != self.d_model or start.dim() not in (1, 2):
+                raise ValueError(f"start embedding must be (d_model,) or (batch, d_model), got {tuple(start.shape)}")
+            x = start.to(memory.dtype).expand(batch, self.d_model).unsqueeze(1 if bf else 0)
+        else:
+            if isinstance(start, torch.Tensor):
+                if start.dtype in (torch.bool,) or start.is_floating_point() or start.numel() not in (1, batch):
+                    raise ValueError(f"start ids must be an int or a (batch,) integer tensor, got {tuple(start.shape)}")
+                ids = start.reshape(-1, 1).expand(batch, 1).to(device=memory.device, dtype=torch.long)
+            elif isinstance(start, int) and not isinstance(start, bool):
+                ids = torch.full((batch, 1), start, dtype=torch.long, device=memory.device)
+            else:
+                raise ValueError(f"start must be a token id, a tensor of ids or an embedding, got {type(start).__name__}")
+            x = embed(ids, 0)
+        cache = self.decoder.new_cache()
+        finished = torch.zeros(batch, dtype=torch.bool, device=memory.device)
+        out = []
+        for step in range(max_len):
+            h = self.decoder(x, memory, memory_key_padding_mask=src_key_padding_mask, cache=cache)
+            nxt = head(h).argmax(-1).reshape(batch)
+            if end is not None:
+                nxt = nxt.masked_fill(finished, end)
+                finished |= nxt == end
+            out.append(nxt)
+            if step + 1 == max_len or (end is not None and bool(finished.all())):
+                break
+            x = embed(nxt.view(batch, 1), cache.length)
+        return torch.stack(out, dim=1)
