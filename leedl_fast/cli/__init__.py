@@ -178,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("demo_out"), help="default %(default)s")
     s.add_argument("--steps", type=int, default=None, help="steps per demo (default: each recipe's demo setting)")
     s.add_argument("--max-seconds", type=float, default=75.0,
-                   help="training time budget per demo, in seconds (default %(default)s)")
+                   help="at most this many seconds of training per demo (default %(default)s)")
+    s.add_argument("--budget", type=float, default=540.0,
+                   help="the whole demo's target in seconds: each demo trains for at most its share of what is "
+                        "left, less %d s for its evaluation (default %%(default)s)" % 30)
     s.add_argument("--device", default="auto")
     s.add_argument("--only", type=_csv_list, default=None, help="comma-separated demos to run (default: all)")
     s.add_argument("--no-bench", dest="bench", action="store_false", help="skip the benchmark")
@@ -258,6 +261,9 @@ def _cmd_sample(ns) -> int:
     return 0
 
 
+_FINISH_RESERVE_S = 30.0  # what a demo's evaluation (finish) may take after its training
+
+
 def _cmd_demo(ns) -> int:
     from ..training import train
     from . import info
@@ -298,10 +304,12 @@ def _cmd_demo(ns) -> int:
             failed("bench --quick", exc)
 
     runs: list[tuple[str, dict]] = []
-    for name in names:
+    for i, name in enumerate(names):
         cls = found[name]
         demo_over = dict(getattr(cls, "demo_defaults", {}) or {})
-        opts = ["--out", str(out / "train" / name), "--device", ns.device, "--max-seconds", str(ns.max_seconds)]
+        share = (ns.budget - (time.time() - t_start)) / (len(names) - i) - _FINISH_RESERVE_S
+        seconds = min(ns.max_seconds, max(5.0, share))
+        opts = ["--out", str(out / "train" / name), "--device", ns.device, "--max-seconds", f"{seconds:.0f}"]
         steps = ns.steps or demo_over.pop("steps", None)
         if steps:
             opts += ["--steps", str(steps)]

@@ -125,6 +125,10 @@ def test_demo_goes_on_after_a_failure(capsys, demo_env, tmp_path):
     assert _weights_any(out / "train" / "toy")["step"] == 2
     assert "## Failures" in (out / "SUMMARY.md").read_text()
     assert str(out.resolve()) in captured.out.strip().splitlines()[-1]
+    # --max-seconds caps each demo's training: 0 s means one step, then a checkpoint and the evaluation.
+    rc = cli.main(["demo", "--out", str(out), "--only", "toy", "--steps", "50", "--max-seconds", "0", "--no-bench"])
+    assert rc == 0 and _weights_any(out / "train" / "toy")["step"] == 1
+    capsys.readouterr()
     rc = cli.main(["demo", "--out", str(out), "--only", "warp_drive", "--no-bench"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown model(s) warp_drive" in err
