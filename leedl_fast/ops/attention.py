@@ -246,9 +246,12 @@ def _bnhd_empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:
-    """The layout of o (like q) and of each gradient (like its input), on every path and device:
-    the input's own strides when it is dense (as ``torch.empty_like``), else (B, N, H, D) order, which
-    is what ATen's CPU attention kernels write for such inputs (so they need no copy)."""
+    """The layout of o (like q) and of each gradient (like its input).  On CPU: the input's own
+    strides when it is dense (as ``torch.empty_like``), else (B, N, H, D) order, which is what ATen's
+    CPU attention kernels write for such inputs (so they need no copy).  Elsewhere: contiguous, what
+    the Triton launchers write.  Both paths conform to it (the fake implementations promise it)."""
+    if t.device.type != "cpu":
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)   # what the Triton launchers write
     if _same_layout(torch.empty_like(t, device="meta"), t):
         return torch.empty_like(t)
     return _bnhd_empty(t.shape, t.dtype, t.device)
@@ -549,14 +552,18 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
 
 # ----------------------------------------------------------------------------- torch path: dropout (plain math)
 
-def _math_block_rows(b: int, hq: int, span: int) -> int:
-    """Rows per block so that one block holds about 2**19 scores (Philox works on int64 copies)."""
-    return max(1, min(1024, (1 << 19) // max(1, b * hq * span)))
-
-
 def _math_blocks(nq, nk, left, right, b, hq):
-    span_max = nk if (left < 0 or right < 0) else min(nk, left + right + 1)
-    bm = _math_block_rows(b, hq, span_max + 64)
+    """Query blocks (i0, i1) and their key ranges [lo, hi) for the plain-math path.  A block holds
+    at most about 2**19 scores (Philox works on int64 copies of them); for a band the block has
+    about as many rows as the band is wide, so the work stays close to N * w."""
+    budget = 1 << 19
+    if left >= 0 and right >= 0:
+        w = left + right + 1
+        bm = max(16, min(256, w))
+        while bm > 1 and b * hq * bm * (bm + w) > budget:
+            bm //= 2
+    else:
+        bm = max(1, min(1024, budget // max(1, b * hq * nk)))
     for i0 in range(0, nq, bm):
         i1 = min(nq, i0 + bm)
         lo, hi = _key_range(i0, i1, nq, nk, left, right)

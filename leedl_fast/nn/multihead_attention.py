@@ -1,0 +1,364 @@
+"""Multi-head attention modules on the fused attention op.
+
+``MultiheadAttention`` mirrors ``torch.nn.MultiheadAttention``: the same constructor
+arguments (plus ``window``), parameter names, state_dict keys, initialisation,
+forward signature and results, so a state_dict loads either way with
+``strict=True``.  For each head h (of ``num_heads``, head dim d = embed_dim / num_heads):
+
+    q_h = query W_q,h + b_q,h,   k_h = key W_k,h + b_k,h,   v_h = value W_v,h + b_v,h
+    head_h = softmax(q_h k_h^T / sqrt(d) + mask) v_h
+    output = concat_h(head_h) W_o^T + b_o
+
+``TruncatedSelfAttention`` is the same module with a required ``window``: each
+position attends only to positions i - left .. i + right (banded attention, O(N * w)).
+
+Which path a call takes:
+
+* ``need_weights=False`` with no mask, a key padding mask, a causal mask (bool or
+  float, or ``is_causal=True``) and/or the module's ``window``: the fused op
+  ``leedl_fast.ops.attention`` (Triton on CUDA, ATen's fused CPU kernels
+  otherwise), dropout included (Philox keyed by a seed drawn from torch's
+  generator).  No (L, S) weight matrix is formed.
+* ``need_weights=True``: a dense reference computation that forms the
+  (B, H, L, S) weights; it costs O(B * H * L * S) time and memory (what torch's
+  module costs on that path) and is differentiable through the weights.
+* An arbitrary ``attn_mask`` (not causal, not all-False), a float padding mask with
+  values other than 0 / -inf, ``add_bias_kv`` / ``add_zero_attn`` combined with a
+  causal mask or a window, or a head dim outside the op's 16..256: the same dense
+  computation, with a one-time warning.
+
+Differences from torch: a query row that sees no key returns zeros (torch
+returns NaN); dropout draws its mask from the Philox stream (the op's), so with
+dropout the result equals torch's in distribution, not bit for bit.  With
+``add_bias_kv`` / ``add_zero_attn`` the extra keys are appended after the
+sequence and are visible to every query, as in torch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _dropout_keep, attention, normalize_window
+from ..random import MAX_SEED
+
+__all__ = ["MultiheadAttention", "TruncatedSelfAttention"]
+
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _bool_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """A mask as bool (True = masked out) when it is bool or a float mask of only 0 / -inf; else None."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.dtype.is_floating_point:
+        raise ValueError(f"masks must be bool or floating point, got {mask.dtype}")
+    neg = torch.isneginf(mask)
+    if bool(((mask == 0) | neg).all()):
+        return neg
+    return None
+
+
+def _causal_pattern(n_q: int, n_k: int, device) -> torch.Tensor:
+    """(L, S) bool, True above the bottom-right aligned diagonal: the keys causal attention hides."""
+    i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
+    return torch.arange(n_k, device=device)[None, :] > i
+
+
+class MultiheadAttention(nn.Module):
+    """Drop-in ``torch.nn.MultiheadAttention`` on the fused attention op, with an optional band.
+
+    Args (as torch.nn.MultiheadAttention): embed_dim, num_heads, dropout, bias, add_bias_kv,
+        add_zero_attn, kdim, vdim, batch_first, device, dtype; and
+        window: None or (left, right): query i attends keys i - left .. i + right (-1 = unbounded),
+            shifted by S - L when the lengths differ (see ``leedl_fast.ops.attention``).
+
+    forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False) -> (output, weights):
+        query (L, B, E) or (B, L, E) with ``batch_first`` or unbatched (L, E); key (S, B, kdim),
+        value (S, B, vdim) likewise.  key_padding_mask (B, S) (unbatched: (S,)), bool (True =
+        ignore) or float (added).  attn_mask (L, S) or (B * num_heads, L, S), bool (True = not
+        allowed) or float (added).  is_causal: attn_mask is the causal mask (a hint, as in torch;
+        here attn_mask may also be None).  Returns output shaped like query (with E = embed_dim),
+        and weights (B, L, S) averaged over heads or (B, num_heads, L, S), or None when
+        ``need_weights=False``.
+
+    Cost: ``need_weights=True`` forms the (B, H, L, S) weights (O(B*H*L*S) memory, as torch does);
+    pass ``need_weights=False`` for the fused path.  See the module docstring for the paths.
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None,
+                 window=None) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.window = None if window is None else normalize_window(False, window)
+
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation: Xavier-uniform projections, zero biases,
+        # Xavier-normal bias_k / bias_v (out_proj.weight keeps nn.Linear's default).
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, window={self.window}"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _projections(self, query, key, value):
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.split(e)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.split(e)
+        if self._qkv_same_embed_dim and query is key and key is value:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _check(self, query, key, value, key_padding_mask, attn_mask):
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {tuple(query.shape)}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"key and value must have query's {query.dim()} dims, got shapes "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query's last dim must be embed_dim={self.embed_dim}, got {query.shape[-1]}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"key/value last dims must be kdim={self.kdim}, vdim={self.vdim}, got "
+                             f"{key.shape[-1]}, {value.shape[-1]}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key and value must agree except in the last dim, got {tuple(key.shape)} "
+                             f"and {tuple(value.shape)}")
+        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+            raise ValueError(f"key_padding_mask must be {query.dim() - 1}-D, got shape {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self._check(query, key, value, key_padding_mask, attn_mask)
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            # (L, B, E) -> (B, L, E) views; torch computes the same function in the other layout.
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        bsz, n_q, e = query.shape
+        n_k = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (bsz, n_k):
+            raise ValueError(f"key_padding_mask must have shape {(bsz, n_k) if batched else (n_k,)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            want = [(n_q, n_k), (bsz * h, n_q, n_k)]
+            if tuple(attn_mask.shape) not in want:
+                raise ValueError(f"attn_mask must have shape {want[0]} or {want[1]}, got {tuple(attn_mask.shape)}")
+
+        q, k, v = self._projections(query, key, value)                                   # [B, L|S, E]
+        n_extra = 0
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(bsz, 1, e).to(k.dtype)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(bsz, 1, e).to(v.dtype)], dim=1)
+            n_extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(bsz, 1, e)], dim=1)
+            v = torch.cat([v, v.new_zeros(bsz, 1, e)], dim=1)
+            n_extra += 1
+        q = q.unflatten(-1, (h, d)).transpose(1, 2)                                      # [B, H, L, d]
+        k = k.unflatten(-1, (h, d)).transpose(1, 2)                                      # [B, H, S', d]
+        v = v.unflatten(-1, (h, d)).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+
+        out, weights = None, None
+        if not need_weights:
+            plan = self._fused_plan(key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, d)
+            if plan is not None:
+                causal, kpm = plan
+                if kpm is not None and n_extra:
+                    kpm = torch.cat([kpm, kpm.new_zeros(bsz, n_extra)], dim=1)
+                out = attention(q, k, v, causal=causal, window=self.window, key_padding_mask=kpm,
+                                dropout_p=float(dropout_p))
+        if out is None:
+            out, weights = self._dense(q, k, v, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra,
+                                       float(dropout_p), need_weights)
+        out = out.transpose(1, 2).reshape(bsz, n_q, e)                                   # [B, L, E]
+        out = self.out_proj(out)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            out = out.squeeze(0)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (weights if need_weights else None)
+
+    def _fused_plan(self, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, d):
+        """(causal, bool key padding mask or None) for the fused op, or None for the dense path."""
+        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            _warn_once("head_dim", f"leedl_fast.nn.MultiheadAttention: head dim {d} is outside the fused op's "
+                       f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}; using the dense PyTorch path")
+            return None
+        kpm = None
+        if key_padding_mask is not None:
+            kpm = _bool_or_none(key_padding_mask)
+            if kpm is None:
+                _warn_once("kpm", "leedl_fast.nn.MultiheadAttention: a float key_padding_mask with values "
+                           "other than 0/-inf takes the dense PyTorch path")
+                return None
+        causal = False
+        if is_causal:
+            causal = True                      # a hint, as in torch: attn_mask (if any) is the causal mask
+        elif attn_mask is not None:
+            masked = _bool_or_none(attn_mask)
+            if masked is not None and not bool(masked.any()):
+                causal = False
+            elif masked is not None and bool((masked == _causal_pattern(n_q, n_k, masked.device)).all()):
+                causal = True
+            else:
+                _warn_once("attn_mask", "leedl_fast.nn.MultiheadAttention: an attn_mask that is neither "
+                           "causal nor empty takes the dense PyTorch path (O(L*S) memory)")
+                return None
+        if n_extra and (causal or self.window is not None):
+            _warn_once("extra", "leedl_fast.nn.MultiheadAttention: add_bias_kv/add_zero_attn with a causal "
+                       "mask or a window take the dense PyTorch path")
+            return None
+        return causal, kpm
+
+    def _dense(self, q, k, v, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, dropout_p, need_weights):
+        """Dense attention with the (B, H, L, S') weights; returns (out [B, H, L, d], weights)."""
+        bsz, h, _, d = q.shape
+        n_kx = n_k + n_extra
+        dev = q.device
+        add = torch.zeros((), dtype=q.dtype, device=dev)
+        hidden = torch.zeros(n_q, n_kx, dtype=torch.bool, device=dev)                   # [L, S'] True = masked
+        if attn_mask is not None:
+            am = attn_mask if attn_mask.dim() == 2 else attn_mask.view(bsz, h, n_q, n_k)
+            am = F.pad(am, (0, n_extra))
+            if am.dtype == torch.bool:
+                hidden = hidden | am
+            else:
+                add = add + am.to(q.dtype)
+        elif is_causal:
+            hidden[:, :n_k] |= _causal_pattern(n_q, n_k, dev)
+        if self.window is not None:
+            left, right = self.window
+            i = torch.arange(n_q, device=dev)[:, None] + (n_k - n_q)
+            j = torch.arange(n_k, device=dev)[None, :]
+            band_out = torch.zeros(n_q, n_k, dtype=torch.bool, device=dev)
+            if left >= 0:
+                band_out |= j < i - left
+            if right >= 0:
+                band_out |= j > i + right
+            hidden = hidden | F.pad(band_out, (0, n_extra))
+        if key_padding_mask is not None:
+            kp = F.pad(key_padding_mask, (0, n_extra))[:, None, None, :]
+            if kp.dtype == torch.bool:
+                hidden = hidden | kp
+            else:
+                add = add + kp.to(q.dtype)
+        s = (q * (1.0 / math.sqrt(d))) @ k.transpose(-1, -2) + add                      # [B, H, L, S']
+        s = s.masked_fill(hidden, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()                # empty rows -> weights 0
+        e = torch.exp(s - m)
+        den = e.sum(-1, keepdim=True)
+        w = e / torch.where(den == 0, torch.ones_like(den), den)
+        if dropout_p > 0:
+            seed = int(torch.randint(0, MAX_SEED, (), dtype=torch.int64).item())
+            keep = _dropout_keep(seed, 0, h, n_q, n_kx, (bsz, h), torch.arange(n_q, device=dev),
+                                 torch.arange(n_kx, device=dev), dropout_p)
+            w = w * keep / (1.0 - dropout_p)
+        return w @ v, w
+
+
+class TruncatedSelfAttention(MultiheadAttention):
+    """Banded (truncated) self-attention: ``MultiheadAttention`` with a required ``window``.
+
+    Each position i attends only to positions i - left .. i + right (``window=(left, right)``,
+    -1 = unbounded; ``(w, 0)`` is a causal sliding window of w + 1 positions), in O(N * w) time
+    and memory on the fused path.  The course's answer to attention's N^2 cost on long inputs
+    such as speech frames.  Mirrors ``torch.nn.MultiheadAttention`` with a band ``attn_mask``
+    (same parameters and state_dict keys); ``key`` and ``value`` default to ``query``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, window, **mha_kwargs) -> None:
+        if window is None:
+            raise ValueError("window must be a pair of ints (left, right) for TruncatedSelfAttention, got None")
+        super().__init__(embed_dim, num_heads, window=window, **mha_kwargs)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        key = query if key is None else key
+        value = key if value is None else value
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
