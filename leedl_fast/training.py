@@ -508,7 +508,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
             final[k] = float(sum(vals) / len(vals))
         metrics = recipe.finish({k: _unwrap(m) for k, m in models.items()}, args, out) or {}
         results = {
-            "recipe": recipe.name, "steps": step, "world_size": info.world_size, "device": str(device),
+            "recipe": recipe.name, "steps": step, "steps_requested": int(args.steps), "world_size": info.world_size, "device": str(device),
             "seed": seed, "batch_size": int(args.batch_size), "train_seconds": round(wall, 3),
             "final_losses": final, "metrics": {k: (float(v) if isinstance(v, (int, float)) else v)
                                                for k, v in metrics.items()},

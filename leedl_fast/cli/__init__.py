@@ -304,11 +304,15 @@ def _cmd_demo(ns) -> int:
             failed("bench --quick", exc)
 
     runs: list[tuple[str, dict]] = []
+    overheads: list[float] = []
     for i, name in enumerate(names):
         cls = found[name]
         demo_over = dict(getattr(cls, "demo_defaults", {}) or {})
-        share = (ns.budget - (time.time() - t_start)) / (len(names) - i) - _FINISH_RESERVE_S
+        # What a demo costs besides its training (building, data, evaluation, pictures), as seen so far.
+        reserve = max([_FINISH_RESERVE_S] + overheads)
+        share = (ns.budget - (time.time() - t_start)) / (len(names) - i) - reserve
         seconds = min(ns.max_seconds, max(5.0, share))
+        t_run = time.time()
         opts = ["--out", str(out / "train" / name), "--device", ns.device, "--max-seconds", f"{seconds:.0f}"]
         steps = ns.steps or demo_over.pop("steps", None)
         if steps:
@@ -321,6 +325,7 @@ def _cmd_demo(ns) -> int:
                 setattr(args, k, v)
             args.recipe = name
             runs.append((name, train(cls(), args)))
+            overheads.append(time.time() - t_run - runs[-1][1].get("train_seconds", 0.0))
         except SystemExit as exc:  # argparse rejected a recipe's demo_defaults
             failed(f"train {name}", RuntimeError(f"bad options (exit {exc.code})"))
         except Exception as exc:
@@ -350,7 +355,9 @@ def _demo_summary(out: Path, info_text: str, bench_md: Path | None, runs, failur
         losses = ", ".join(f"{k}={v:.4g}" for k, v in sorted(res.get("final_losses", {}).items()))
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in sorted(res.get("metrics", {}).items()))
-        lines.append(f"| {name} | {res.get('steps')} | {res.get('train_seconds', 0):.0f} | {losses} | {metrics} |")
+        done, asked = res.get("steps"), res.get("steps_requested")
+        steps = f"{done}" if done == asked or asked is None else f"{done} of {asked} (time budget)"
+        lines.append(f"| {name} | {steps} | {res.get('train_seconds', 0):.0f} | {losses} | {metrics} |")
     lines.append("")
     for name, _ in runs:
         for p in sorted((out / "train" / name).glob("*.png")):
