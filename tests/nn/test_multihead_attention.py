@@ -1,0 +1,344 @@
+"""leedl_fast.nn.MultiheadAttention / TruncatedSelfAttention against torch.nn.MultiheadAttention.
+
+Same state_dict both ways, float64: outputs, returned weights and every parameter and input
+gradient, for every constructor option and mask form torch accepts.
+"""
+import pytest
+import torch
+from torch import nn
+
+import leedl_fast.nn.multihead_attention as mha_mod
+from leedl_fast.nn import MultiheadAttention, TruncatedSelfAttention
+from tests.harness import assert_close
+
+F64 = torch.float64
+E, H = 64, 4                          # head dim 16: the fused op's smallest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two xdist workers on CI's two cores: one intra-op thread each avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls that reach the fused op."""
+    calls = []
+    real = mha_mod.attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mha_mod, "attention", counting)
+    return calls
+
+
+def _pair(**kw):
+    ref = nn.MultiheadAttention(E, H, dtype=F64, **kw)
+    ours = MultiheadAttention(E, H, dtype=F64, **kw)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref, ours
+
+
+def _data(L, S, B, kw, unbatched=False, self_attn=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bf = kw.get("batch_first", False)
+    kd, vd = kw.get("kdim") or E, kw.get("vdim") or E
+
+    def t(n, dim):
+        shape = (n, dim) if unbatched else ((B, n, dim) if bf else (n, B, dim))
+        return torch.randn(shape, dtype=F64, generator=g).requires_grad_()
+
+    q = t(L, E)
+    if self_attn:
+        return q, q, q
+    return q, t(S, kd), t(S, vd)
+
+
+def _compare(ref, ours, q, k, v, *, atol=1e-9, **fw):
+    """Forward both with the same arguments; compare output, weights, parameter and input grads."""
+    outs = []
+    for m in (ref, ours):
+        for p in m.parameters():
+            p.grad = None
+        inputs = [t for t in {id(x): x for x in (q, k, v)}.values()]
+        for x in inputs:
+            x.grad = None
+        o, w = m(q, k, v, **fw)
+        gen = torch.Generator().manual_seed(1)
+        o.backward(torch.randn(o.shape, dtype=F64, generator=gen))
+        outs.append((o.detach(), None if w is None else w.detach(), {n: p.grad.clone() for n, p in m.named_parameters()},
+                     [x.grad.clone() for x in inputs]))
+    (o1, w1, g1, x1), (o2, w2, g2, x2) = outs
+    assert_close(o2, o1, atol=atol, rtol=1e-7, name="output")
+    assert (w1 is None) == (w2 is None)
+    if w1 is not None:
+        assert_close(w2, w1, atol=atol, rtol=1e-7, name="weights")
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert_close(g2[n], g1[n], atol=atol, rtol=1e-7, name=f"grad {n}")
+    for a, b in zip(x2, x1):
+        assert_close(a, b, atol=atol, rtol=1e-7, name="input grad")
+    return o2, w2
+
+
+CTOR = [
+    {}, {"batch_first": True}, {"kdim": 32, "vdim": 48}, {"bias": False},
+    {"add_bias_kv": True}, {"add_zero_attn": True}, {"add_bias_kv": True, "add_zero_attn": True, "batch_first": True},
+]
+
+
+@pytest.mark.parametrize("kw", CTOR, ids=str)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_constructor_options(kw, need_weights):
+    ref, ours = _pair(**kw)
+    q, k, v = _data(7, 11, 3, kw)
+    _compare(ref, ours, q, k, v, need_weights=need_weights)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_self_attention_packed_and_weights(average):
+    ref, ours = _pair()
+    q, k, v = _data(9, 9, 2, {}, self_attn=True)
+    _compare(ref, ours, q, k, v, need_weights=True, average_attn_weights=average)
+
+
+def _causal(L, S):
+    return torch.ones(L, S, dtype=torch.bool).triu(1 + S - L)
+
+
+def _float(mask):
+    return torch.zeros(mask.shape, dtype=F64).masked_fill(mask, float("-inf"))
+
+
+@pytest.mark.parametrize("kw", [{}, {"batch_first": True}], ids=str)
+@pytest.mark.parametrize("form", ["bool", "float", "bool+is_causal", "float+is_causal", "3d-bool"])
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_causal_mask_forms_map_to_causal_flag(kw, form, pad, need_weights, fused_calls):
+    L, B = 10, 3
+    ref, ours = _pair(**kw)
+    q, k, v = _data(L, L, B, kw, self_attn=True)
+    mask = _causal(L, L)
+    if form.startswith("float"):
+        mask = _float(mask)
+    if form == "3d-bool":
+        mask = mask.expand(B * H, L, L)
+    kpm = None
+    if pad:
+        kpm = torch.zeros(B, L, dtype=torch.bool)
+        kpm[1, 6:] = True
+        kpm[2, 1:] = True
+    _compare(ref, ours, q, k, v, attn_mask=mask, is_causal="is_causal" in form, key_padding_mask=kpm,
+             need_weights=need_weights)
+    if not need_weights:
+        assert fused_calls and all(c["causal"] for c in fused_calls)
+    else:
+        assert not fused_calls
+
+
+@pytest.mark.parametrize("form", ["bool", "float"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_key_padding_mask_forms(form, need_weights, fused_calls):
+    ref, ours = _pair()
+    q, k, v = _data(7, 12, 3, {})
+    kpm = torch.zeros(3, 12, dtype=torch.bool)
+    kpm[0, 5:] = True
+    kpm[2, ::2] = True
+    mask = kpm if form == "bool" else _float(kpm)
+    _compare(ref, ours, q, k, v, key_padding_mask=mask, need_weights=need_weights)
+    assert len(fused_calls) == (0 if need_weights else 1)
+
+
+@pytest.mark.parametrize("form", ["bool-2d", "float-2d", "float-3d"])
+def test_arbitrary_attn_mask_takes_dense_path(form, fused_calls, monkeypatch):
+    monkeypatch.setattr(mha_mod, "_warned", set())
+    ref, ours = _pair()
+    L, S, B = 6, 9, 2
+    q, k, v = _data(L, S, B, {})
+    g = torch.Generator().manual_seed(3)
+    if form == "bool-2d":
+        mask = torch.rand(L, S, generator=g) < 0.3
+        mask[:, 0] = False
+    elif form == "float-2d":
+        mask = torch.randn(L, S, dtype=F64, generator=g)
+    else:
+        mask = torch.randn(B * H, L, S, dtype=F64, generator=g)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -3:] = True
+    with pytest.warns(UserWarning, match="dense"):
+        _compare(ref, ours, q, k, v, attn_mask=mask, key_padding_mask=kpm, need_weights=False)
+    assert not fused_calls
+
+
+@pytest.mark.parametrize("kw", [{}, {"batch_first": True}], ids=str)
+def test_unbatched(kw):
+    ref, ours = _pair(**kw)
+    q, k, v = _data(5, 8, 1, kw, unbatched=True)
+    kpm = torch.zeros(8, dtype=torch.bool)
+    kpm[2] = True
+    for nw in (False, True):
+        o, w = _compare(ref, ours, q, k, v, key_padding_mask=kpm, need_weights=nw)
+        assert o.shape == (5, E) and (w is None or w.shape == (5, 8))
+    mask3 = torch.zeros(H, 5, 8, dtype=torch.bool)
+    mask3[1, :, 3] = True
+    _compare(ref, ours, q, k, v, attn_mask=mask3, need_weights=True, average_attn_weights=False)
+
+
+def test_train_mode_dropout_zero_and_is_causal_without_mask():
+    ref, ours = _pair(dropout=0.0)
+    ref.train()
+    ours.train()
+    q, k, v = _data(8, 8, 2, {}, self_attn=True)
+    _compare(ref, ours, q, k, v, need_weights=False)
+    # torch requires the mask with is_causal; ours also takes is_causal alone
+    o_flag, _ = ours(q, q, q, is_causal=True, need_weights=False)
+    o_ref, _ = ref(q, q, q, attn_mask=_causal(8, 8), need_weights=False)
+    assert_close(o_flag, o_ref, atol=1e-9, rtol=1e-7)
+
+
+def test_dropout_stays_fused_and_matches_weights_path(fused_calls):
+    """Training with dropout runs the fused op; the weights path draws the same Philox mask."""
+    torch.manual_seed(0)
+    ours = MultiheadAttention(E, H, dropout=0.3, dtype=F64).train()
+    q, k, v = _data(9, 9, 2, {}, self_attn=True)
+    torch.manual_seed(5)
+    fused, _ = ours(q, k, v, need_weights=False)
+    assert len(fused_calls) == 1 and fused_calls[0]["dropout_p"] == 0.3
+    torch.manual_seed(5)
+    dense, w = ours(q, k, v, need_weights=True, average_attn_weights=False)
+    assert_close(fused, dense, atol=1e-9, rtol=1e-7)
+    assert (w == 0).float().mean() > 0.1                     # the returned weights are the dropped ones
+    ours.eval()
+    assert_close(ours(q, k, v, need_weights=False)[0], ours(q, k, v)[0], atol=1e-9, rtol=1e-7)
+
+
+def test_fully_padded_row_gives_zeros_not_nan():
+    _, ours = _pair()
+    q, k, v = _data(4, 6, 2, {})
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1] = True
+    for nw in (False, True):
+        o, w = ours(q, k, v, key_padding_mask=kpm, need_weights=nw)
+        o.sum().backward()
+        assert not torch.isnan(o).any() and not torch.isnan(q.grad).any()
+        assert_close(o[:, 1], ours.out_proj.bias.detach().expand(4, E), atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------ windows
+
+def _band_mask(L, S, left, right):
+    i = torch.arange(L)[:, None] + (S - L)
+    j = torch.arange(S)[None, :]
+    hidden = torch.zeros(L, S, dtype=torch.bool)
+    if left >= 0:
+        hidden |= j < i - left
+    if right >= 0:
+        hidden |= j > i + right
+    return hidden
+
+
+@pytest.mark.parametrize("window", [(0, 0), (2, 3), (4, 0), (-1, 2), (30, 30)], ids=str)
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_truncated_self_attention_vs_band_mask(window, need_weights, batch_first, fused_calls):
+    L, B = 13, 2
+    ref = nn.MultiheadAttention(E, H, dtype=F64, batch_first=batch_first)
+    ours = TruncatedSelfAttention(E, H, window, dtype=F64, batch_first=batch_first)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    q, _, _ = _data(L, L, B, {"batch_first": batch_first}, self_attn=True)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    if window != (0, 0):       # with (0, 0) a padded key empties its row: torch gives NaN there, we give 0
+        kpm[1, 2:5:2] = True
+    band = _band_mask(L, L, *window)
+    outs = []
+    for m, kw in ((ref, {"attn_mask": band}), (ours, {})):
+        o, w = m(q, q, q, key_padding_mask=kpm, need_weights=need_weights, **kw)
+        outs.append((o, w))
+        o.sum().backward()
+    assert_close(outs[1][0], outs[0][0], atol=1e-9, rtol=1e-7, name="output")
+    if need_weights:
+        assert_close(outs[1][1], outs[0][1], atol=1e-9, rtol=1e-7, name="weights")
+    assert len(fused_calls) == (0 if need_weights else 1)
+    if fused_calls:
+        assert fused_calls[0]["window"] == window
+    # key/value default to the query
+    assert_close(ours(q, need_weights=False, key_padding_mask=kpm)[0], outs[1][0], atol=1e-12, rtol=0)
+
+
+def test_window_with_causal_and_cross_lengths():
+    L, S, B = 7, 12, 2
+    ref, _ = _pair()
+    ours = MultiheadAttention(E, H, dtype=F64, window=(3, 2))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    q, k, v = _data(L, S, B, {})
+    mask = _causal(L, S)
+    o_ref, _ = ref(q, k, v, attn_mask=mask | _band_mask(L, S, 3, 2), need_weights=False)
+    o, _ = ours(q, k, v, attn_mask=mask, need_weights=False)
+    assert_close(o, o_ref, atol=1e-9, rtol=1e-7)
+    o2, _ = ours(q, k, v, attn_mask=mask, need_weights=True)
+    assert_close(o2, o_ref, atol=1e-9, rtol=1e-7)
+
+
+def test_state_dict_and_errors():
+    ref = nn.MultiheadAttention(E, H, add_bias_kv=True, kdim=20, vdim=24)
+    ours = TruncatedSelfAttention(E, H, (4, 4), add_bias_kv=True, kdim=20, vdim=24)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="window"):
+        TruncatedSelfAttention(E, H, None)
+    with pytest.raises(ValueError, match="window"):
+        MultiheadAttention(E, H, window=(1, -3))
+    with pytest.raises(ValueError, match="divisible"):
+        MultiheadAttention(E, 5)
+    m = MultiheadAttention(E, H)
+    x = torch.randn(5, 2, E)
+    with pytest.raises(ValueError, match="query"):
+        m(torch.randn(5, 2, E + 1), x, x)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
+
+
+def test_initialisation_matches_torch():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, add_bias_kv=True)
+    torch.manual_seed(0)
+    ours = MultiheadAttention(E, H, add_bias_kv=True)
+    for (n1, p1), (n2, p2) in zip(sorted(ref.named_parameters()), sorted(ours.named_parameters())):
+        assert n1 == n2 and p1.shape == p2.shape
+    assert ours.in_proj_bias.abs().max() == 0 and ours.out_proj.bias.abs().max() == 0
+    bound = (6 / (E + 3 * E)) ** 0.5
+    assert ours.in_proj_weight.abs().max() <= bound
+
+
+def test_small_head_dim_takes_dense_path(fused_calls):
+    ref = nn.MultiheadAttention(16, 4, dtype=F64)         # head dim 4 < 16
+    ours = MultiheadAttention(16, 4, dtype=F64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 16, dtype=F64)
+    assert_close(ours(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0], atol=1e-9, rtol=1e-7)
+    assert not fused_calls
+
+
+def test_triton_path_module(triton_path):
+    """The module on the Triton path (interpreter here): fp32, key padding, causal, need_weights=False."""
+    ref = nn.MultiheadAttention(E, H, batch_first=True)
+    ours = MultiheadAttention(E, H, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 12, E)
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 8:] = True
+    o_ref, _ = ref(x, x, x, key_padding_mask=kpm, attn_mask=_causal(12, 12), need_weights=False)
+    o, _ = ours(x.to(triton_path), x.to(triton_path), x.to(triton_path), key_padding_mask=kpm.to(triton_path),
+                is_causal=True, attn_mask=_causal(12, 12).to(triton_path), need_weights=False)
+    assert_close(o, o_ref, dtype=torch.float32, tf32=True)
