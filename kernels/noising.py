@@ -45,7 +45,7 @@ NUM_WARPS = 4  # 8 elements per thread: two 16-byte fp32 vectors
 def _noising_kernel(
     x_ptr, m_ptr, noise_ptr, out_ptr, eps_out_ptr,
     t_ptr, ac_ptr, coef_ptr, grad_ptr,
-    per_sample, n_chunks, seed, clip_range, grad_scale,
+    per_sample, n_chunks, n_timesteps, seed, clip_range, grad_scale,
     MODE: tl.constexpr,
     NOISE: tl.constexpr,
     TARGET: tl.constexpr,
@@ -84,7 +84,12 @@ def _noising_kernel(
             y += c5 * eps
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        abar = tl.load(ac_ptr + tl.load(t_ptr + pid_b)).to(tl.float32)  # scalar
+        # A timestep outside the schedule (checked on the host for CPU tensors; for CUDA tensors the check
+        # would cost a sync) makes the sample's outputs NaN instead of reading out of bounds.
+        t_b = tl.load(t_ptr + pid_b)
+        valid = (t_b >= 0) & (t_b < n_timesteps)
+        abar = tl.load(ac_ptr + tl.where(valid, t_b, 0)).to(tl.float32)  # scalar
+        abar = tl.where(valid, abar, float("nan"))
         sa = tl.sqrt_rn(abar)
         sb = tl.sqrt_rn(1.0 - abar)
         if MODE == 0:
@@ -131,7 +136,7 @@ def q_sample_fwd(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
     _noising_kernel[(n_prog,)](
         x0, x0, x0 if draw else noise, out, eps_out if draw else out,
         t, alphas_cumprod, alphas_cumprod, alphas_cumprod,
-        per_sample, n_chunks, seed, 0.0, 0.0,
+        per_sample, n_chunks, alphas_cumprod.shape[0], seed, 0.0, 0.0,
         MODE=MODE_Q_SAMPLE, NOISE=NOISE_DRAW if draw else NOISE_LOAD, TARGET=0, CLIP=False,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
@@ -154,7 +159,7 @@ def loss_fwd(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumpr
     _noising_kernel[(n_prog,)](
         x0, pred, x0 if noise is None else noise, partial, partial,
         t, alphas_cumprod, alphas_cumprod, alphas_cumprod,
-        per_sample, n_chunks, seed, 0.0, 0.0,
+        per_sample, n_chunks, alphas_cumprod.shape[0], seed, 0.0, 0.0,
         MODE=MODE_LOSS_FWD, NOISE=_loss_noise(target, noise), TARGET=TARGETS[target], CLIP=False,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
@@ -172,7 +177,7 @@ def loss_bwd(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, t: torch.
     _noising_kernel[(n_prog,)](
         x0, pred, x0 if noise is None else noise, out, out,
         t, alphas_cumprod, alphas_cumprod, grad,
-        per_sample, n_chunks, seed, 0.0, scale,
+        per_sample, n_chunks, alphas_cumprod.shape[0], seed, 0.0, scale,
         MODE=MODE_LOSS_BWD, NOISE=_loss_noise(target, noise), TARGET=TARGETS[target], CLIP=False,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
@@ -192,7 +197,7 @@ def step_fwd(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, 
     _noising_kernel[(n_prog,)](
         x_t, model_output, x_t if noise is None else noise, out, out,
         coef, coef, coef, coef,
-        per_sample, n_chunks, seed, 0.0 if clip_range is None else float(clip_range), 0.0,
+        per_sample, n_chunks, 0, seed, 0.0 if clip_range is None else float(clip_range), 0.0,
         MODE=MODE_STEP, NOISE=mode_noise, TARGET=0, CLIP=clip_range is not None,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )

@@ -20,9 +20,9 @@ the Triton path, custom ops with fake and autograd implementations, and public
 functions that check their arguments first.
 
 Argument checks: ``t`` outside ``[0, len(alphas_cumprod))`` raises ValueError when
-``t`` is a CPU tensor or an int; for a CUDA ``t`` (and inside torch.compile) the
-check would need a host sync, so it is an asynchronous assertion instead (a
-RuntimeError at the next synchronisation).
+``t`` is a CPU tensor or an int.  For a CUDA ``t`` (and inside torch.compile) that
+check would need a host sync, so instead the kernel writes NaN for a sample whose
+t is out of range (the torch path raises an asynchronous device assertion).
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _sqrt_coefs(t: torch.Tensor, alphas_cumprod: torch.Tensor, acc: torch.dtype, ndim: int):
     """sqrt(abar_t), sqrt(1 - abar_t) per sample, shaped to broadcast against an ndim-D batch."""
+    _check_t_async(t, alphas_cumprod.shape[0])
     abar = alphas_cumprod.to(acc)[t.long()]
     return _per_sample(torch.sqrt(abar), ndim), _per_sample(torch.sqrt(1.0 - abar), ndim)
 
@@ -112,9 +113,14 @@ def _check_t(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         if batch and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
             raise ValueError(f"t must lie in [0, {num_timesteps}), got values in [{int(t.min())}, {int(t.max())}]")
-    elif batch:
+    # Otherwise (CUDA t, or tracing) the kernel turns a sample with an out-of-range t into NaN and the
+    # torch path asserts asynchronously (_check_t_async): no host sync, no extra launch on the fast path.
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
+
+
+def _check_t_async(t: torch.Tensor, num_timesteps: int) -> None:
+    if t.numel() and (t.device.type != "cpu" or torch.compiler.is_compiling()):
         torch._assert_async(((t >= 0) & (t < num_timesteps)).all(), f"t must lie in [0, {num_timesteps})")
-    return t.to(torch.int64)
 
 
 def _check_like(name: str, x, ref: torch.Tensor, ref_name: str, *, same_dtype: bool) -> None:

@@ -25,7 +25,7 @@ def _signature(dt: str, out_dt: str | None = None) -> dict:
     p, o = _DT[dt], _DT[out_dt or dt]
     return {"x_ptr": p, "m_ptr": p, "noise_ptr": p, "out_ptr": o, "eps_out_ptr": o,
             "t_ptr": "*i64", "ac_ptr": "*fp32", "coef_ptr": "*fp32", "grad_ptr": "*fp32",
-            "per_sample": "i32", "n_chunks": "i32", "seed": "i64", "clip_range": "fp32", "grad_scale": "fp32",
+            "per_sample": "i32", "n_chunks": "i32", "n_timesteps": "i32", "seed": "i64", "clip_range": "fp32", "grad_scale": "fp32",
             "MODE": "constexpr", "NOISE": "constexpr", "TARGET": "constexpr", "CLIP": "constexpr",
             "BLOCK": "constexpr"}
 

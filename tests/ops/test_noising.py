@@ -379,3 +379,15 @@ def test_torch_compile_fullgraph(torch_path):
     expect.backward()
     assert_close(out, expect.detach(), dtype=torch.float32)
     assert_close(g, lin.weight.grad, dtype=torch.float32)
+
+
+def test_kernel_turns_out_of_range_t_into_nan(triton_path):
+    """A CUDA t is not range-checked on the host (a sync): the kernel writes NaN for that sample instead of
+    reading outside alphas_cumprod.  The op is called directly here, past the host check."""
+    ac = _schedule().to(triton_path)
+    x0 = torch.randn(3, 40, device=triton_path)
+    t = torch.tensor([5, 1000, -1], device=triton_path)
+    x_t, _ = N._q_sample_seeded_op(x0, t, ac, 3)
+    assert torch.isfinite(x_t[0]).all() and torch.isnan(x_t[1:]).all()
+    loss = N._loss_op(x0, x0, t, ac, None, 3, "v_prediction")
+    assert torch.isnan(loss)
