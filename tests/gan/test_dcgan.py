@@ -6,6 +6,7 @@ import torch
 
 from leedl_fast.gan import (LATENT_DISTRIBUTIONS, ConditionalGenerator, Discriminator, Generator,
                             ProjectionDiscriminator, mismatched_condition, sample_latent)
+from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 SIZES = [1, 5, 8, (7, 5), (13, 17), 28]
 
