@@ -51,7 +51,7 @@ padded to the next power of two inside the kernel (masked loads and stores on d)
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import triton
@@ -67,10 +67,13 @@ LN2 = 0.6931471805599453
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(base, offs_r, n_rows, stride_r, offs_d,
+def _load_tile(base, start, offs_l, n_rows, stride_r, offs_d,
                CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``offs_r`` of a (rows, HEAD_DIM) matrix with unit stride along d, zero-padded to BLOCK_D."""
-    # Row offsets in int64: rows * stride may pass 2**31 for permuted layouts.
+    """Rows ``start + offs_l`` of a (rows, HEAD_DIM) matrix with unit stride along d, zero-padded
+    to BLOCK_D.  Row offsets are int64: rows * stride may pass 2**31 for permuted layouts.
+    (Hoisting int32 in-block offsets out of the loops instead was measured to raise register
+    pressure and spills with triton 3.6.)"""
+    offs_r = start + offs_l                                                         # [R]
     ptrs = base + (offs_r.to(tl.int64) * stride_r)[:, None] + offs_d[None, :]      # [R, BLOCK_D]
     if CHECK_ROWS:
         if HEAD_DIM == BLOCK_D:
@@ -86,7 +89,8 @@ def _load_tile(base, offs_r, n_rows, stride_r, offs_d,
 
 
 @triton.jit
-def _store_tile(base, value, offs_r, n_rows, stride_r, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_tile(base, value, start, offs_l, n_rows, stride_r, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_r = start + offs_l                                                         # [R]
     ptrs = base + (offs_r.to(tl.int64) * stride_r)[:, None] + offs_d[None, :]      # [R, BLOCK_D]
     if HEAD_DIM == BLOCK_D:
         tl.store(ptrs, value, mask=offs_r[:, None] < n_rows)
@@ -134,7 +138,7 @@ def _attention_fwd_inner(
         # Masked: blocks [start_a, start_a + n_a * BLOCK_N) then from start_b on.
         start_n = tl.where(it < n_a, start_a + it * BLOCK_N, start_b + (it - n_a) * BLOCK_N)
         offs_n = start_n + offs_n0                                                  # [BLOCK_N]
-        k = _load_tile(k_base, offs_n, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_base, start_n, offs_n0, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k)) * qk_scale                                      # [BLOCK_M, BLOCK_N] log2 units
         if MASKED:
             visible = offs_n[None, :] < seq_k                                       # [1, BLOCK_N]
@@ -163,7 +167,7 @@ def _attention_fwd_inner(
         if DROPOUT:
             r = tl.rand(seed, rng_rows[:, None] + offs_n[None, :])                  # [BLOCK_M, BLOCK_N]
             p = tl.where(r >= dropout_p, p, 0.0)                                    # [BLOCK_M, BLOCK_N]
-        v = _load_tile(v_base, offs_n, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc)                                         # [BLOCK_M, BLOCK_D]
         m_i = m_new
         n_visited += 1
@@ -198,9 +202,10 @@ def _attention_fwd_kernel(
     v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpmb
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)                                        # [BLOCK_M]
+    offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
+    offs_m = start_m + offs_m0                                                      # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
-    q = _load_tile(q_base, offs_m, seq_q, stride_qm, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+    q = _load_tile(q_base, start_m, offs_m0, seq_q, stride_qm, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
 
     shift = seq_k - seq_q
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
@@ -238,7 +243,7 @@ def _attention_fwd_kernel(
         inv_l = 1.0 / l_safe                                                        # [BLOCK_M]
     o = acc * inv_l[:, None]                                                        # [BLOCK_M, BLOCK_D]
     o_base = o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
-    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), offs_m, seq_q, stride_om, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), start_m, offs_m0, seq_q, stride_om, offs_d, HEAD_DIM, BLOCK_D)
     lse = tl.where(empty, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M] natural log
     row = (b64 * n_heads + h) * seq_q
     tl.store(lse_ptr + row + offs_m, lse, mask=offs_m < seq_q)
@@ -262,11 +267,13 @@ def _attention_bwd_preprocess_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b64 = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                # [BLOCK_M]
+    start_m = pid_m * BLOCK_M
+    offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
+    offs_m = start_m + offs_m0                                                      # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
-    o = _load_tile(o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh, offs_m, seq_q, stride_om, offs_d,
+    o = _load_tile(o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh, start_m, offs_m0, seq_q, stride_om, offs_d,
                    True, HEAD_DIM, BLOCK_D).to(tl.float32)                          # [BLOCK_M, BLOCK_D]
-    do = _load_tile(do_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh, offs_m, seq_q, stride_dom, offs_d,
+    do = _load_tile(do_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh, start_m, offs_m0, seq_q, stride_dom, offs_d,
                     True, HEAD_DIM, BLOCK_D).to(tl.float32)                         # [BLOCK_M, BLOCK_D]
     delta = tl.sum(o * do, 1)                                                       # [BLOCK_M]
     row = (b64 * n_heads + h) * seq_q
@@ -291,8 +298,8 @@ def _attention_bwd_dkdv_inner(
     for it in range(0, n_iter):
         start_m = tl.where(it < n_a, start_a + it * BLOCK_M, start_b + (it - n_a) * BLOCK_M)
         offs_m = start_m + offs_m0                                                  # [BLOCK_M]
-        q = _load_tile(q_base, offs_m, seq_q, stride_qm, offs_d, MASKED, HEAD_DIM, BLOCK_D)     # [BLOCK_M, BLOCK_D]
-        do = _load_tile(do_base, offs_m, seq_q, stride_dom, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+        q = _load_tile(q_base, start_m, offs_m0, seq_q, stride_qm, offs_d, MASKED, HEAD_DIM, BLOCK_D)     # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_base, start_m, offs_m0, seq_q, stride_dom, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
         if MASKED:
             # Rows past seq_q: lse2 = +inf makes their p exactly 0.
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
@@ -349,11 +356,12 @@ def _attention_bwd_dkdv_kernel(
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)                                        # [BLOCK_N]
+    offs_n0 = tl.arange(0, BLOCK_N)                                                 # [BLOCK_N]
+    offs_n = start_n + offs_n0                                                      # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
-    k = _load_tile(k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, seq_k, stride_kn, offs_d,
+    k = _load_tile(k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh, start_n, offs_n0, seq_k, stride_kn, offs_d,
                    True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
-    v = _load_tile(v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, seq_k, stride_vn, offs_d,
+    v = _load_tile(v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh, start_n, offs_n0, seq_k, stride_vn, offs_d,
                    True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
     if HAS_KPM:
         pad = tl.load(kpm_ptr + b64 * stride_kpmb + offs_n, mask=offs_n < seq_k, other=1)  # [BLOCK_N]
@@ -403,8 +411,8 @@ def _attention_bwd_dkdv_kernel(
 
     dk_base = dk_ptr + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = dv_ptr + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
-    _store_tile(dk_base, (dk * sm_scale).to(dk_ptr.dtype.element_ty), offs_n, seq_k, stride_dkn, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), offs_n, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dk_base, (dk * sm_scale).to(dk_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dkn, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
         n_kv_heads = tl.num_programs(1)
         tl.store(count_ptr + (b64 * n_kv_heads + hk) * tl.num_programs(0) + pid_n, n_visited)
@@ -424,8 +432,8 @@ def _attention_bwd_dq_inner(
     for it in range(0, n_iter):
         start_n = tl.where(it < n_a, start_a + it * BLOCK_N, start_b + (it - n_a) * BLOCK_N)
         offs_n = start_n + offs_n0                                                  # [BLOCK_N]
-        k = _load_tile(k_base, offs_n, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_base, offs_n, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_base, start_n, offs_n0, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k))                                                  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s * qk_scale - lse2[:, None])                                   # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -475,11 +483,12 @@ def _attention_bwd_dq_kernel(
     hk = h // group
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)                                        # [BLOCK_M]
+    offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
+    offs_m = start_m + offs_m0                                                      # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
-    q = _load_tile(q_ptr + b64 * stride_qb + h64 * stride_qh, offs_m, seq_q, stride_qm, offs_d,
+    q = _load_tile(q_ptr + b64 * stride_qb + h64 * stride_qh, start_m, offs_m0, seq_q, stride_qm, offs_d,
                    True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_M, BLOCK_D]
-    do = _load_tile(do_ptr + b64 * stride_dob + h64 * stride_doh, offs_m, seq_q, stride_dom, offs_d,
+    do = _load_tile(do_ptr + b64 * stride_dob + h64 * stride_doh, start_m, offs_m0, seq_q, stride_dom, offs_d,
                     True, HEAD_DIM, BLOCK_D)                                        # [BLOCK_M, BLOCK_D]
     row = (b64 * n_heads + h64) * seq_q
     lse2 = tl.load(lse2_ptr + row + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
@@ -510,7 +519,7 @@ def _attention_bwd_dq_kernel(
         qk_scale, rng_rows, dropout_p, seed,
         BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
     dq_base = dq_ptr + b64 * stride_dqb + h64 * stride_dqh
-    _store_tile(dq_base, (dq * sm_scale).to(dq_ptr.dtype.element_ty), offs_m, seq_q, stride_dqm, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dq_base, (dq * sm_scale).to(dq_ptr.dtype.element_ty), start_m, offs_m0, seq_q, stride_dqm, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
         tl.store(count_ptr + (b64 * n_heads + h64) * tl.num_programs(0) + pid_m, n_visited)
 
@@ -518,95 +527,102 @@ def _attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Configurations
 # ----------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages).  Keyed by the padded head dim and by
-# "16" (fp16/bf16) or "32" (fp32: twice the bytes per tile, so smaller tiles).
-# The first entry of a list is the default; on CUDA the lists are autotuned once per
-# (head dim, flags, dtype) — every entry is compiled by tests/kernels/test_attention_compile.py.
-# BLOCK_M is the same within a list so that count_blocks' shape does not depend on the tuner.
-_FWD = {
-    (16, "16"): [(128, 64, 4, 3), (128, 128, 8, 3)],
-    (32, "16"): [(128, 64, 4, 3), (128, 128, 8, 3)],
-    (64, "16"): [(128, 64, 4, 3), (128, 128, 8, 3)],
-    (128, "16"): [(128, 64, 8, 3), (128, 128, 8, 3)],
-    (256, "16"): [(64, 64, 4, 2)],
-    (16, "32"): [(64, 64, 4, 2)],
-    (32, "32"): [(64, 64, 4, 2)],
-    (64, "32"): [(64, 64, 4, 2)],
-    (128, "32"): [(64, 32, 4, 2)],
-    (256, "32"): [(32, 32, 4, 2)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim group (padded head dim
+# <= 64, 128, 256) and GPU generation ("sm80": Ampere and other pre-Hopper parts, "sm90":
+# Hopper), for fp16/bf16.  fp32 (TF32 products, twice the bytes per tile) uses one small
+# configuration per kernel for every head dim.  For the dK/dV kernel BLOCK_N is the key block
+# a program owns and BLOCK_M the query block it steps over; for dQ the reverse.
+#
+# How they were chosen (no GPU was available to time them): tile shapes of the Triton
+# fused-attention tutorial and FlashAttention-2 (BLOCK_M 128 for the forward, 8 warps at
+# D = 128), shrunk until every configuration compiled with triton 3.6 for its target with no
+# register spills in the variant with the most live state (band, key padding and dropout:
+# Philox needs ~6 live words per element of the [BLOCK_M, BLOCK_N] tile), and with BLOCK_M
+# (forward, dQ) or BLOCK_N (dK/dV) >= 64 so that fp16/bf16 products use HGMMA on sm_90.
+# tests/kernels/test_attention_compile.py compiles every entry for its target.
+_CONFIGS = {
+    "_attention_fwd_kernel": {
+        (64, "sm80"): (128, 64, 8, 3), (128, "sm80"): (128, 32, 8, 3), (256, "sm80"): (64, 16, 8, 2),
+        (64, "sm90"): (128, 64, 8, 3), (128, "sm90"): (128, 64, 8, 3), (256, "sm90"): (64, 16, 8, 2),
+    },
+    "_attention_bwd_dkdv_kernel": {
+        (64, "sm80"): (16, 64, 8, 2), (128, "sm80"): (16, 64, 8, 1), (256, "sm80"): (16, 64, 8, 1),
+        (64, "sm90"): (32, 128, 8, 2), (128, "sm90"): (32, 64, 8, 2), (256, "sm90"): (16, 64, 8, 1),
+    },
+    "_attention_bwd_dq_kernel": {
+        (64, "sm80"): (128, 32, 8, 2), (128, "sm80"): (64, 32, 8, 2), (256, "sm80"): (64, 16, 8, 2),
+        (64, "sm90"): (128, 32, 8, 2), (128, "sm90"): (64, 16, 8, 2), (256, "sm90"): (64, 16, 8, 1),
+    },
 }
-# dK/dV kernel: BLOCK_N keys per program, BLOCK_M queries per step.
-_BWD_DKDV = {
-    (16, "16"): [(32, 128, 4, 3)],
-    (32, "16"): [(32, 128, 4, 3)],
-    (64, "16"): [(32, 128, 4, 3)],
-    (128, "16"): [(32, 128, 8, 3)],
-    (256, "16"): [(32, 64, 8, 2)],
-    (16, "32"): [(32, 64, 4, 2)],
-    (32, "32"): [(32, 64, 4, 2)],
-    (64, "32"): [(32, 64, 4, 2)],
-    (128, "32"): [(32, 64, 4, 2)],
-    (256, "32"): [(16, 32, 4, 2)],
+# Where dropout's Philox state does not fit the main configuration's registers, a smaller
+# tile for calls with dropout_p > 0 (the main entry then serves dropout_p = 0 only).
+_CONFIGS_DROPOUT = {
+    ("_attention_fwd_kernel", 128, "sm90"): (64, 32, 8, 2),
 }
-# dQ kernel: BLOCK_M queries per program, BLOCK_N keys per step.
-_BWD_DQ = {
-    (16, "16"): [(128, 32, 4, 3)],
-    (32, "16"): [(128, 32, 4, 3)],
-    (64, "16"): [(128, 32, 4, 3)],
-    (128, "16"): [(128, 32, 8, 3)],
-    (256, "16"): [(64, 32, 8, 2)],
-    (16, "32"): [(64, 32, 4, 2)],
-    (32, "32"): [(64, 32, 4, 2)],
-    (64, "32"): [(64, 32, 4, 2)],
-    (128, "32"): [(64, 32, 4, 2)],
-    (256, "32"): [(32, 16, 4, 2)],
+_CONFIGS_FP32 = {
+    "_attention_fwd_kernel": (32, 16, 8, 2),
+    "_attention_bwd_dkdv_kernel": (16, 16, 8, 2),
+    "_attention_bwd_dq_kernel": (32, 16, 8, 2),
 }
-_PRE_BLOCK_M = 64
-# Under the interpreter one fixed small configuration (unequal blocks, so that the band
-# arithmetic is exercised with BLOCK_M != BLOCK_N): (BLOCK_M, BLOCK_N).
-_INTERP_FWD = (64, 32)
-_INTERP_DKDV = (32, 64)
-_INTERP_DQ = (64, 32)
+# Under the interpreter one fixed configuration, unequal blocks so that the band arithmetic
+# is exercised with BLOCK_M != BLOCK_N: (BLOCK_M, BLOCK_N).
+_INTERP = {"_attention_fwd_kernel": (64, 32), "_attention_bwd_dkdv_kernel": (32, 64),
+           "_attention_bwd_dq_kernel": (64, 32)}
 
 
-def _kind(dtype: torch.dtype) -> str:
-    return "32" if dtype == torch.float32 else "16"
+def _pre_block_m(block_d: int) -> int:
+    return min(64, 4096 // block_d)  # o and do tiles of <= 4096 elements each
+
+
+def _head_dim_group(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> str:
+    return "sm90" if torch.cuda.get_device_capability(device_index)[0] >= 9 else "sm80"
+
+
+def _config(kernel: str, t: torch.Tensor, block_d: int, blocks, dropout: bool) -> dict:
+    """Launch meta-parameters of ``kernel`` for inputs like ``t``."""
+    if blocks is not None:
+        return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}
+    if not t.is_cuda:
+        bm, bn = _INTERP[kernel]
+        return {"BLOCK_M": bm, "BLOCK_N": bn}
+    if t.dtype == torch.float32:
+        bm, bn, w, s = _CONFIGS_FP32[kernel]
+    else:
+        group, arch = _head_dim_group(block_d), _arch(t.device.index or 0)
+        cfg = _CONFIGS_DROPOUT.get((kernel, group, arch)) if dropout else None
+        bm, bn, w, s = cfg or _CONFIGS[kernel][(group, arch)]
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
 
 
 def launch_configs() -> list[dict]:
-    """Every shipped configuration: one dict per (kernel, padded head dim, dtype kind, tile choice)
-    with keys kernel, block_d, dtype ("16" = fp16/bf16, "32" = fp32), BLOCK_M, BLOCK_N, num_warps,
-    num_stages."""
+    """Every shipped GPU configuration, one dict per entry: kernel, arch ("sm80"/"sm90"),
+    block_d (the largest padded head dim it serves), dtype ("16" = fp16/bf16, "32" = fp32),
+    BLOCK_M, BLOCK_N, num_warps, num_stages, dropout ("any": every call; "no": calls without
+    dropout; "yes": calls with dropout)."""
     out = []
-    for kernel, table in (("_attention_fwd_kernel", _FWD), ("_attention_bwd_dkdv_kernel", _BWD_DKDV),
-                          ("_attention_bwd_dq_kernel", _BWD_DQ)):
-        for (block_d, kind), cfgs in table.items():
-            for bm, bn, w, s in cfgs:
-                out.append({"kernel": kernel, "block_d": block_d, "dtype": kind, "BLOCK_M": bm, "BLOCK_N": bn,
-                            "num_warps": w, "num_stages": s})
-    for block_d in (16, 32, 64, 128, 256):
-        out.append({"kernel": "_attention_bwd_preprocess_kernel", "block_d": block_d, "dtype": "any",
-                    "BLOCK_M": _PRE_BLOCK_M, "BLOCK_N": 0, "num_warps": 4, "num_stages": 1})
+    for kernel, table in _CONFIGS.items():
+        for (block_d, arch), (bm, bn, w, s) in table.items():
+            out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
+                        "BLOCK_N": bn, "num_warps": w, "num_stages": s,
+                        "dropout": "no" if (kernel, block_d, arch) in _CONFIGS_DROPOUT else "any"})
+    for (kernel, block_d, arch), (bm, bn, w, s) in _CONFIGS_DROPOUT.items():
+        out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
+                    "BLOCK_N": bn, "num_warps": w, "num_stages": s, "dropout": "yes"})
+    for kernel, (bm, bn, w, s) in _CONFIGS_FP32.items():
+        for arch in ("sm80", "sm90"):
+            out.append({"kernel": kernel, "arch": arch, "block_d": 256, "dtype": "32", "BLOCK_M": bm,
+                        "BLOCK_N": bn, "num_warps": w, "num_stages": s, "dropout": "any"})
+    for block_d in (64, 256):
+        for arch in ("sm80", "sm90"):
+            out.append({"kernel": "_attention_bwd_preprocess_kernel", "arch": arch, "block_d": block_d,
+                        "dtype": "16", "BLOCK_M": _pre_block_m(block_d), "BLOCK_N": 0, "num_warps": 4,
+                        "num_stages": 1, "dropout": "any"})
     return out
-
-
-_TUNED: dict = {}
-
-
-def _launcher(kernel, table, key, tag):
-    """The kernel to launch and its fixed meta-parameters (empty when autotuned)."""
-    cfgs = table[key]
-    if len(cfgs) == 1:
-        bm, bn, w, s = cfgs[0]
-        return kernel, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    tkey = (tag, key)
-    if tkey not in _TUNED:
-        # Tuned once per (head dim, flags, dtypes); lengths are deliberately not in the key.
-        _TUNED[tkey] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cfgs],
-            key=["HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_KPM", "DROPOUT"],
-        )(kernel)
-    return _TUNED[tkey], {}
 
 
 def _prep(t: torch.Tensor) -> torch.Tensor:
@@ -653,18 +669,14 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     block_d = max(16, triton.next_power_of_2(D))
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
-    if q.is_cuda and _blocks is None:
-        kernel, meta = _launcher(_attention_fwd_kernel, _FWD, (block_d, _kind(q.dtype)), "fwd")
-        block_m = _FWD[(block_d, _kind(q.dtype))][0][0]
-    else:
-        block_m, block_n = _blocks or _INTERP_FWD
-        kernel, meta = _attention_fwd_kernel, {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    meta = _config("_attention_fwd_kernel", q, block_d, _blocks, dropout)
+    block_m = meta["BLOCK_M"]
     n_mblocks = triton.cdiv(Nq, block_m)
     counts = torch.empty((B, Hq, n_mblocks), device=q.device, dtype=torch.int32) if count_blocks else lse
     if B * Hq * Nq == 0:
         return (o, lse, counts) if count_blocks else (o, lse)
     grid = (n_mblocks, Hq, B)
-    kernel[grid](
+    _attention_fwd_kernel[grid](
         q, k, v, o, lse, kpm, counts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -672,7 +684,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
         o.stride(0), o.stride(1), o.stride(2),
         stride_kpmb,
         Hq, Hq // Hkv, Nq, Nk,
-        float(scale) * LOG2E, int(left), int(right), float(dropout_p), int(seed),
+        float(scale) * LOG2E, int(left), int(right), float(dropout_p), int(seed or 0),
         HEAD_DIM=D, BLOCK_D=block_d,
         HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
         COUNT_BLOCKS=count_blocks, **meta,
@@ -699,17 +711,9 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     block_d = max(16, triton.next_power_of_2(D))
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
-    key = (block_d, _kind(q.dtype))
-    if q.is_cuda and _blocks is None:
-        kdkdv, mdkdv = _launcher(_attention_bwd_dkdv_kernel, _BWD_DKDV, key, "dkdv")
-        kdq, mdq = _launcher(_attention_bwd_dq_kernel, _BWD_DQ, key, "dq")
-        bn_dkdv = _BWD_DKDV[key][0][1]
-        bm_dq = _BWD_DQ[key][0][0]
-    else:
-        (bm1, bn1), (bm2, bn2) = _blocks or (_INTERP_DKDV, _INTERP_DQ)
-        kdkdv, mdkdv = _attention_bwd_dkdv_kernel, {"BLOCK_M": bm1, "BLOCK_N": bn1}
-        kdq, mdq = _attention_bwd_dq_kernel, {"BLOCK_M": bm2, "BLOCK_N": bn2}
-        bn_dkdv, bm_dq = bn1, bm2
+    mdkdv = _config("_attention_bwd_dkdv_kernel", q, block_d, None if _blocks is None else _blocks[0], dropout)
+    mdq = _config("_attention_bwd_dq_kernel", q, block_d, None if _blocks is None else _blocks[1], dropout)
+    bn_dkdv, bm_dq = mdkdv["BLOCK_N"], mdq["BLOCK_M"]
     n_dq = triton.cdiv(Nq, bm_dq)
     n_dkdv = triton.cdiv(Nk, bn_dkdv)
     if count_blocks:
@@ -717,24 +721,24 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
         cnt_dkdv = torch.empty((B, Hkv, n_dkdv), device=q.device, dtype=torch.int32)
     else:
         cnt_dq = cnt_dkdv = lse
-    if B * Hq * Nq == 0 or Nk == 0:
-        if Nk == 0 and B * Hq * Nq > 0:
-            dq.zero_()
+    if B * Hq * Nq == 0 or Nk == 0:  # nothing attends: every gradient is zero
+        dq.zero_(), dk.zero_(), dv.zero_()
         return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)
 
     delta = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
     lse2 = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, _PRE_BLOCK_M), Hq, B)](
+    pre_m = _pre_block_m(block_d)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m), Hq, B)](
         o, do, lse, delta, lse2,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        Hq, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M, num_warps=4,
+        Hq, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
     )
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm,
                   DROPOUT=dropout, COUNT_BLOCKS=count_blocks)
     scalars = (Hq, Hq // Hkv, Nq, Nk, float(scale) * LOG2E, float(scale), int(left), int(right),
-               float(dropout_p), int(seed))
-    kdkdv[(n_dkdv, Hkv, B)](
+               float(dropout_p), int(seed or 0))
+    _attention_bwd_dkdv_kernel[(n_dkdv, Hkv, B)](
         q, k, v, do, lse2, delta, dk, dv, kpm, cnt_dkdv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -744,7 +748,7 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_kpmb, *scalars, **common, **mdkdv,
     )
-    kdq[(n_dq, Hq, B)](
+    _attention_bwd_dq_kernel[(n_dq, Hq, B)](
         q, k, v, do, lse2, delta, dq, kpm, cnt_dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
