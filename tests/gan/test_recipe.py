@@ -4,8 +4,8 @@ import argparse
 import pytest
 import torch
 
-from leedl_fast.gan.recipe import (RECIPES, CYCLE_L1_THRESHOLD, CycleGANRecipe, GANRecipe, load_digits, save_grid,
-                                   thicken)
+from leedl_fast.gan.recipe import (RECIPES, CYCLE_L1_THRESHOLD, CycleGANRecipe, GANRecipe, cycle_thresholds, load_digits,
+                                   save_grid, thicken)
 from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
@@ -72,3 +72,9 @@ def test_digits_helpers(tmp_path):
     with pytest.raises(ValueError, match="split"):
         load_digits("val")
     assert save_grid(torch.rand(5, 1, 8, 8) * 2 - 1, tmp_path / "g.png", nrow=3).stat().st_size > 0
+
+
+def test_cycle_threshold_is_the_class_prototype_error():
+    ref = cycle_thresholds()
+    assert abs(ref["class_mean_l1"] - CYCLE_L1_THRESHOLD) < 1e-4
+    assert ref["nearest_train_l1"] < ref["class_mean_l1"]
