@@ -102,7 +102,7 @@ MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 
 # Elements of one interior kernel call's key-gradient windows (see _chunks); tests lower it.
-_CHUNK_ELEMS = 1 << 20
+_CHUNK_ELEMS = 1 << 19
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
