@@ -7,12 +7,14 @@ What the run does (defaults in ``DiffusionRecipe.defaults``):
 * model: ``UNet`` (base 32 channels, 8x8 and 4x4 levels, attention at 4x4), trained
   with the epsilon objective of ``training_loss`` on a cosine schedule of 1000 steps,
   labels replaced by a "no class" token 10% of the time so the same network also
-  predicts unconditionally (classifier-free guidance, Ho & Salimans 2022);
+  predicts unconditionally (classifier-free guidance, Ho & Salimans 2022, is then
+  available with ``guidance > 0``; off by default: plain conditional samples already
+  score well above 80%, and guidance doubles the sampling cost);
   AdamW, linear warm-up then cosine decay; an EMA of the weights (kept as the
   module ``models["ema"]``, so checkpoints carry it);
 * a small CNN digit classifier trained in the same steps on the same batches;
 * ``finish``: samples ``eval_per_class`` images of every digit with the EMA model
-  (DDIM, guidance scale ``guidance``), saves a grid PNG (one row per digit) and
+  (DDIM, 25 steps), saves a grid PNG (one row per digit) and
   prints the fraction the classifier labels as the digit asked for.
 """
 from __future__ import annotations
@@ -70,12 +72,12 @@ def _arg(args, name, default):
 
 class DiffusionRecipe:
     name = "diffusion"
-    defaults = {"steps": 1200, "batch_size": 128, "lr": 2e-3}
+    defaults = {"steps": 500, "batch_size": 128, "lr": 2e-3}
     # Further knobs read from args when present (the CLI may not expose them).
     base_channels = 32
     ema_decay = 0.995
     label_dropout = 0.1
-    guidance = 2.0
+    guidance = 0.0  # classifier-free guidance scale at sampling (0: plain conditional sampling)
     eval_per_class = 20
     eval_steps = 25
     warmup = 50
@@ -192,7 +194,8 @@ class DiffusionRecipe:
     def finish(self, models, args, out_dir: pathlib.Path) -> dict[str, float]:
         per_class = int(_arg(args, "eval_per_class", self.eval_per_class))
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-        samples = self.generate(models["ema"], labels, seed=int(_arg(args, "seed", 0)))
+        samples = self.generate(models["ema"], labels, seed=int(_arg(args, "seed", 0)),
+                                guidance=float(_arg(args, "guidance", self.guidance)))
         clf = _unwrap(models["classifier"]).eval()
         with torch.no_grad():
             pred = clf(samples).argmax(-1).cpu()
@@ -213,7 +216,8 @@ class DiffusionRecipe:
         sampler = _arg(args, "sampler", "ddim")
         steps = getattr(args, "steps", None)
         model = models.get("ema", models["unet"])
-        images = self.generate(model, labels, sampler=sampler, steps=steps, seed=getattr(args, "seed", None))
+        images = self.generate(model, labels, sampler=sampler, steps=steps, seed=getattr(args, "seed", None),
+                               guidance=float(_arg(args, "guidance", self.guidance)))
         self.save_grid(images, pathlib.Path(out_path), nrow=per_class)
 
     def state_dict(self) -> dict:
