@@ -78,9 +78,10 @@ The torch path (CPU fallback)
   each block attends only to the key slice its band can reach (with a small
   block-local mask), forward and backward, so time and memory are O(N * w) and
   no N x N score or mask tensor exists.
-* With dropout the same blocks run plain PyTorch math in float32 (float64 for
-  float64 inputs) with the Philox keep-mask regenerated block by block in the
-  backward; memory stays bounded by the block size.
+* With dropout (or when the torch path is forced on a non-CPU device) the same
+  blocks run plain PyTorch math in float32 (float64 for float64 inputs) with the
+  Philox keep-mask regenerated block by block in the backward; memory stays
+  bounded by the block size.
 """
 from __future__ import annotations
 
@@ -657,7 +658,7 @@ def _attention_fwd_torch(q, k, v, kpm, scale, left, right, p, seed):
     o = _out_empty(q)
     lse = _lse_empty(q)
     left, right = _effective_band(q.shape[2], k.shape[2], left, right)
-    if p > 0:
+    if p > 0 or q.device.type != "cpu":        # ATen's fused kernels used here are the CPU ones
         o = _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse)
     else:
         o = _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse)
@@ -673,7 +674,7 @@ def _attention_fwd_torch(q, k, v, kpm, scale, left, right, p, seed):
 def _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, p, seed):
     dq, dk, dv = _grad_empty(q), _grad_empty(k), _grad_empty(v)
     left, right = _effective_band(q.shape[2], k.shape[2], left, right)
-    if p > 0:
+    if p > 0 or q.device.type != "cpu":
         return _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
     return _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv)
 

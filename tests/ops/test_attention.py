@@ -401,3 +401,21 @@ def test_torch_compile_draws_seed_in_graph(torch_path):
     c = compiled(q)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a, attention(q, q, q))
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (3, 5)], ids=str)
+def test_plain_math_path_without_dropout(window):
+    """The math blocks (the torch path off the CPU, and with dropout) also serve dropout_p = 0."""
+    q, k, v, do, kpm = _inputs(2, 4, 2, 45, 50, 16, pad="random")
+    left, right = window
+    o = torch.empty(q.shape, dtype=F64)
+    lse = torch.empty(q.shape[:3], dtype=F64)
+    attn_mod._fwd_math(q, k, v, kpm, 0.25, left, right, 0.0, 0, o, lse)
+    dq, dk, dv = (torch.empty(t.shape, dtype=F64) for t in (q, k, v))
+    attn_mod._bwd_math(do, q, k, v, o, lse, kpm, 0.25, left, right, 0.0, 0, dq, dk, dv)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(qr, kr, vr, window=window, key_padding_mask=kpm, scale=0.25, return_lse=True)
+    ref.backward(do)
+    for got, want, name in ((o, ref, "o"), (lse, ref_lse, "lse"), (dq, qr.grad, "dq"), (dk, kr.grad, "dk"),
+                            (dv, vr.grad, "dv")):
+        assert_close(got, want, dtype=F64, name=name, scale=100)   # float64 sums of ~50 terms
