@@ -53,6 +53,9 @@ def test_recipe_runs_end_to_end(torch_path, tmp_path):
     b = recipe.generate(fresh["ema"], labels, steps=4, seed=1)
     assert torch.equal(a, b) and a.shape == (2, 1, 8, 8) and a.abs().max() <= 1
 
+    guided = recipe.generate(models["ema"], labels, steps=4, seed=1, guidance=1.5)  # classifier-free guidance
+    assert guided.shape == (2, 1, 8, 8) and not torch.equal(guided, a)
+
     png = tmp_path / "grid.png"
     recipe.sample(fresh, argparse.Namespace(sampler="ddpm", steps=5, seed=2, eval_per_class=1), png)
     assert png.stat().st_size > 0
