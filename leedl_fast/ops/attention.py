@@ -60,10 +60,12 @@ launchers of ``leedl_fast.kernels.attention``, or the torch path below), so
 ``torch.library.opcheck`` runs on CPU.  The backward is hand-written on both
 paths, from the saved (q, k, v, o, lse): FlashAttention-2's recomputation
 scheme, which never keeps the N x N probabilities.  ``lse`` is float32 (float64
-for float64 inputs) and contiguous; ``o`` has q's layout (contiguous when q is,
-else (B, N, H, D) order with the head dim last); the gradients' layouts are
-fixed per device (``_grad_layout``), because a compiled graph relies on the fake
-strides.  The seed travels as a 0-d int64 tensor so a compiled graph can draw it.
+for float64 inputs) and contiguous.  ``o`` and the gradients have fixed layouts,
+because a compiled graph relies on the fake strides (``_like``): on CPU the
+input's own strides when it is dense, else (B, N, H, D) order (what ATen's CPU
+kernels write, so no copy); on CUDA contiguous (what the Triton launchers write);
+either path copies only when its result differs.  The seed travels as a 0-d
+int64 tensor so that a compiled graph can draw it.
 
 The torch path (CPU fallback)
 -----------------------------
@@ -74,10 +76,15 @@ The torch path (CPU fallback)
   causal attention with Nq == Nk as the kernel's own causal flag.  Grouped-query
   attention folds the G = Hq / Hkv query heads of one key head into the kernel's
   head axis and gives k, v a stride-0 head axis (no copy of k or v).
-* A band, or causal attention with Nq != Nk, runs over blocks of query rows:
-  each block attends only to the key slice its band can reach (with a small
-  block-local mask), forward and backward, so time and memory are O(N * w) and
-  no N x N score or mask tensor exists.
+* A band, or causal attention with Nq != Nk, runs over blocks of bm query rows;
+  each block attends only to the key window its band can reach.  For a finite
+  band the interior blocks go to the kernel in a few calls: q's blocks and the
+  (overlapping) key windows are strided views (``as_strided``, no copy), the band
+  inside a window is one (bm, span) additive mask shared by all blocks, and the
+  key gradients of overlapping windows are summed with span / bm strided adds.
+  Blocks at the ends, and one-sided bands, loop block by block with small
+  block-local masks.  Time and memory are O(N * w); no N x N score or mask tensor
+  exists, forward or backward (peak memory measured in ``bench/``).
 * With dropout (or when the torch path is forced on a non-CPU device) the same
   blocks run plain PyTorch math in float32 (float64 for float64 inputs) with the
   Philox keep-mask regenerated block by block in the backward; memory stays
