@@ -1,0 +1,39 @@
+"""leedl_fast.data.frames against explicit slicing."""
+import pytest
+import torch
+
+from leedl_fast.data import frames
+
+
+@pytest.mark.parametrize("sample_rate,t", [(16000, 400), (16000, 16000), (16000, 1237), (8000, 201), (22050, 2000)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_frames_match_slicing(sample_rate, t, batched):
+    win, hop = round(sample_rate * 0.025), round(sample_rate * 0.010)
+    signal = torch.randn((3, t) if batched else (t,))
+    out = frames(signal, sample_rate)
+    n = 1 + (t - win) // hop
+    assert out.shape == ((3, n, win) if batched else (n, win))
+    for i in range(n):
+        assert torch.equal(out[..., i, :], signal[..., i * hop: i * hop + win])
+
+
+def test_custom_window_and_hop():
+    signal = torch.arange(100.0)
+    out = frames(signal, 1000, window_ms=7, hop_ms=3)  # 7 samples every 3
+    assert out.shape == (1 + (100 - 7) // 3, 7)
+    assert torch.equal(out[-1], signal[93:100])
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="shorter than one"):
+        frames(torch.randn(399), 16000)
+    with pytest.raises(ValueError, match="signal"):
+        frames(torch.randn(2, 3, 500), 16000)
+    with pytest.raises(ValueError, match="signal"):
+        frames([0.0] * 500, 16000)
+    with pytest.raises(ValueError, match="sample_rate"):
+        frames(torch.randn(500), 0)
+    with pytest.raises(ValueError, match="hop_ms"):
+        frames(torch.randn(500), 16000, hop_ms=-1)
+    with pytest.raises(ValueError, match="hop_ms"):
+        frames(torch.randn(500), 100, hop_ms=1)  # 0.1 samples
