@@ -158,7 +158,7 @@ class DiffusionRecipe:
         if sampler == "ddim":
             s = DDIMSampler(self.schedule, steps or self.eval_steps)
         elif sampler == "ddpm":
-            s = DDPMSampler(self.schedule, steps or 100)
+            s = DDPMSampler(self.schedule, steps)  # steps=None: the full ancestral chain (1000 steps)
         else:
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         null = torch.full_like(labels, NULL_CLASS)
@@ -210,7 +210,8 @@ class DiffusionRecipe:
         return {"sample_accuracy": acc, "classifier_data_accuracy": train_acc}
 
     def sample(self, models, args, out_path: pathlib.Path) -> None:
-        """A grid of samples, one row per digit, from the EMA model: ``--sampler ddim|ddpm --steps N``."""
+        """A grid of samples, one row per digit, from the EMA model: ``--sampler ddim|ddpm --steps N``
+        (DDIM: 25 steps by default; DDPM: the full 1000-step chain by default)."""
         per_class = int(_arg(args, "eval_per_class", 10))
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
         sampler = _arg(args, "sampler", "ddim")
