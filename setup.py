@@ -17,7 +17,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6", "diffusers>=0.30"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6", "diffusers>=0.30", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4"],
         "demo": ["tqdm>=4", "matplotlib>=3.7", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["leedl-fast=leedl_fast.cli:main"]},
