@@ -11,6 +11,7 @@ within the default 1500 steps, a couple of minutes on two CPU cores.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 
@@ -136,6 +137,24 @@ def exact_match(model: ReverseTransformer, strings: list[str], device, batch: in
     return correct / max(len(strings), 1), outs
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    """One intra-op thread for this tiny model on the CPU, restored afterwards.
+
+    Its matmuls are a few microseconds each, so waking a second OpenMP thread costs more than it saves; on a
+    busy 2-core machine two threads made a step 30x slower (2.5 s against 70 ms, measured).  Restored on exit so
+    other demos in the same process keep their thread count."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class TransformerRecipe:
     """Reverse digit strings with a small encoder-decoder Transformer (see the module docstring)."""
 
@@ -169,12 +188,13 @@ class TransformerRecipe:
         src, tgt = src.to(device), tgt.to(device)
         for g in opt.param_groups:
             g["lr"] = self._lr(step, args)
-        logits = model(src, tgt[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt[:, 1:].reshape(-1), ignore_index=PAD)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        with _one_cpu_thread(device):
+            logits = model(src, tgt[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt[:, 1:].reshape(-1), ignore_index=PAD)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
         return {"loss": float(loss.detach())}
 
     def _eval_strings(self, args) -> list[str]:
@@ -187,7 +207,8 @@ class TransformerRecipe:
         model.eval()
         device = next(model.parameters()).device
         strings = self._eval_strings(args)
-        acc, outs = exact_match(model, strings, device)
+        with _one_cpu_thread(device):
+            acc, outs = exact_match(model, strings, device)
         print(f"exact match on {len(strings)} held-out strings: {acc:.1%}")
         for s, o in list(zip(strings, outs))[:6]:
             print(f"  {s:>12} -> {o:<12} {'ok' if o == s[::-1] else 'WRONG (want ' + s[::-1] + ')'}")
@@ -200,7 +221,8 @@ class TransformerRecipe:
         model.eval()
         device = next(model.parameters()).device
         strings = _random_strings(np.random.default_rng(args.seed), 16)
-        _, outs = exact_match(model, strings, device)
+        with _one_cpu_thread(device):
+            _, outs = exact_match(model, strings, device)
         lines = [f"{s} -> {o}" for s, o in zip(strings, outs)]
         pathlib.Path(out_path).write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
