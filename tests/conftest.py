@@ -12,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests take the PyTorch path unless they ask for the Triton one (``triton_path``):
+# with TRITON_INTERPRET=1 the automatic choice would interpret every kernel.
+os.environ.setdefault("LEEDL_FAST_BACKEND", "torch")
 
 # Under pytest-xdist each worker takes one core: two workers with two intra-op
 # threads each on a 2-core runner spend their time waiting on each other.
