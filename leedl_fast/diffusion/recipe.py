@@ -27,38 +27,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..digits import DigitClassifier, load_digits, save_grid
 from .loss import training_loss
 from .samplers import DDIMSampler, DDPMSampler
 from .schedule import NoiseSchedule
 from .unet import UNet
 
-__all__ = ["DiffusionRecipe", "DigitClassifier", "load_digit_images", "RECIPES"]
+__all__ = ["DiffusionRecipe", "RECIPES"]
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the "no label" token of classifier-free guidance
-
-
-def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits as (N, 1, 8, 8) float32 in [-1, 1] and (N,) int64 labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    return x, torch.tensor(d.target, dtype=torch.int64)
-
-
-class DigitClassifier(nn.Module):
-    """A small CNN for 8x8 digits in [-1, 1]: conv-conv-pool, two linear layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Dropout(0.2),
-                                  nn.Linear(128, NUM_CLASSES))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
@@ -97,7 +75,7 @@ class DiffusionRecipe:
                 "classifier": torch.optim.Adam(models["classifier"].parameters(), lr=2e-3)}
 
     def dataset(self, args) -> torch.utils.data.Dataset:
-        return torch.utils.data.TensorDataset(*load_digit_images())
+        return torch.utils.data.TensorDataset(*load_digits("all"))
 
     def _lr(self, step: int, args) -> float:
         # Linear warm-up, then cosine decay to 5% of the peak over the run.
@@ -174,23 +152,6 @@ class DiffusionRecipe:
         model.train(was_training)
         return out.clamp(-1, 1)
 
-    @staticmethod
-    def save_grid(images: torch.Tensor, path: pathlib.Path, nrow: int) -> None:
-        """Images (N, 1, 8, 8) in [-1, 1] as a PNG grid, ``nrow`` images per row, each scaled up 4x."""
-        from PIL import Image
-
-        imgs = ((images.detach().cpu().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)[:, 0]
-        n, h, w = imgs.shape
-        rows = math.ceil(n / nrow)
-        pad = 1
-        grid = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 64, dtype=torch.uint8)
-        for i in range(n):
-            r, c = divmod(i, nrow)
-            grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = imgs[i]
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid.numpy(), mode="L").resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
-
     def finish(self, models, args, out_dir: pathlib.Path) -> dict[str, float]:
         per_class = int(_arg(args, "eval_per_class", self.eval_per_class))
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
@@ -199,12 +160,12 @@ class DiffusionRecipe:
         clf = _unwrap(models["classifier"]).eval()
         with torch.no_grad():
             pred = clf(samples).argmax(-1).cpu()
-            x, y = load_digit_images()
+            x, y = load_digits("all")
             dev = next(clf.parameters()).device
             train_acc = (clf(x.to(dev)).argmax(-1).cpu() == y).float().mean().item()
         acc = (pred == labels).float().mean().item()
         out_dir = pathlib.Path(out_dir)
-        self.save_grid(samples, out_dir / "samples.png", nrow=per_class)
+        save_grid(samples, out_dir / "samples.png", nrow=per_class)
         print(f"diffusion: classifier labels {acc:.1%} of {len(labels)} class-conditional samples as the digit "
               f"asked for (classifier accuracy on the data: {train_acc:.1%}); grid: {out_dir / 'samples.png'}")
         return {"sample_accuracy": acc, "classifier_data_accuracy": train_acc}
@@ -219,7 +180,7 @@ class DiffusionRecipe:
         model = models.get("ema", models["unet"])
         images = self.generate(model, labels, sampler=sampler, steps=steps, seed=getattr(args, "seed", None),
                                guidance=float(_arg(args, "guidance", self.guidance)))
-        self.save_grid(images, pathlib.Path(out_path), nrow=per_class)
+        save_grid(images, pathlib.Path(out_path), nrow=per_class)
 
     def state_dict(self) -> dict:
         return {}

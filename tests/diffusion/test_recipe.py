@@ -6,7 +6,8 @@ import torch
 
 pytest.importorskip("sklearn", reason="scikit-learn (load_digits) is needed by the diffusion recipe")
 
-from leedl_fast.diffusion.recipe import RECIPES, DiffusionRecipe, load_digit_images  # noqa: E402
+from leedl_fast.diffusion.recipe import RECIPES, DiffusionRecipe  # noqa: E402
+from leedl_fast.digits import load_digits  # noqa: E402
 
 
 def _loop(recipe, args):
@@ -21,7 +22,7 @@ def _loop(recipe, args):
 
 
 def test_data():
-    x, y = load_digit_images()
+    x, y = load_digits("all")
     assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
     assert x.min().item() == -1.0 and x.max().item() == 1.0 and set(y.tolist()) == set(range(10))
 
