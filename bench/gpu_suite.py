@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated ops or case modules (default: all)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: $OUT or bench/results)")
+    p.add_argument("--time-budget", type=float, default=420.0,
+                   help="seconds after which no new case starts (the rest are recorded as skipped); default 420")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="run the whole pipeline on the CPU (torch paths, quick) to check the script itself")
     args = p.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     device = "cpu" if args.cpu_dry_run else "cuda"
     report = run(quick=args.quick or args.cpu_dry_run, ops=args.ops, out=out, checks=not args.cpu_dry_run,
-                 device=device, log=log)
+                 device=device, log=log, time_budget_s=args.time_budget)
     failed = [c for c in report["checks"] if not c["ok"]]
     errors = [r for r in report["results"] if r.get("error")]
     log(f"done in {time.time() - t0:.0f} s: {len(report['results'])} results ({len(errors)} with errors), "

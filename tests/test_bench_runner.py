@@ -52,3 +52,11 @@ def test_softmax_check_runs_on_cpu_interpreter(triton_path):
 
     results = [r for r in case.check(triton_path) if r.dtype != "bf16"]
     assert results and all(r.ok for r in results), results
+
+
+def test_time_budget_skips_but_still_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEEDL_FAST_BACKEND", "torch")
+    report = runner.run(quick=True, ops=["softmax"], out=tmp_path, checks=False, device="cpu", log=lambda m: None,
+                        time_budget_s=0.0)
+    data = json.loads(Path(report["files"][0]).read_text())
+    assert data["results"] and all(r["error"].startswith("skipped: time budget") for r in data["results"])

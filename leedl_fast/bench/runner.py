@@ -261,7 +261,14 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
 
 def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: str | None = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, time_budget_s: float | None = None) -> dict:
+    """Run the checks (if asked), the ceilings and every case; write the report files.
+
+    The JSON is rewritten after every case, so an interrupted run still leaves its
+    results.  With ``time_budget_s``, cases that would start after the budget is spent
+    are recorded as skipped instead of run (the files are always written).
+    """
+    t_start = time.time()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -282,10 +289,18 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
         "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
         "date": _dt.date.today().isoformat(), "quick": quick, "ceilings": {}, "checks": [], "results": [],
     }
+    stem = f"{_slug(report['device'])}-{report['date']}" + ("-quick" if quick else "")
+    json_path = out / f"{stem}.json"
+
+    def save() -> None:
+        json_path.write_text(json.dumps(report, indent=1, default=str))
+
     log(f"device: {report['device']}; torch {report['torch']}; triton {triton_version}")
     if checks:
         report["checks"] = run_checks(mods, device, log)
+        save()
     report["ceilings"] = ceilings(device, quick=quick)
+    save()
     log("ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in report["ceilings"].items()))
     for mod in mods:
         gen = mod.cases(device, quick)
@@ -302,6 +317,13 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
                 break
             if ops and case.op not in ops and mod.__name__.rsplit(".", 1)[-1] not in ops:
                 continue
+            if time_budget_s is not None and time.time() - t_start > time_budget_s:
+                report["results"].append({
+                    "op": case.op, "mode": case.mode, "dtype": _DTYPE_NAMES.get(case.dtype, str(case.dtype)),
+                    "shape": case.shape, "causal": case.causal, "window": list(case.window) if case.window else None,
+                    "peer": None, "ours_ms": None, "error": f"skipped: time budget of {time_budget_s:.0f} s spent"})
+                log(f"{case.op} {case.mode} {case.shape}: skipped (time budget spent)")
+                continue
             for row in run_case(case, device, report["ceilings"], quick):
                 report["results"].append(row)
                 shape = " ".join(f"{k}={v}" for k, v in row["shape"].items())
@@ -310,13 +332,13 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
                     f"ours {_fmt(row.get('ours_ms'))} ms  peer {_fmt(row.get('peer_ms'))} ms  "
                     f"speedup {_fmt(row.get('speedup'), '.2f')}"
                     + (f"  {row['error'][:200]}" if row.get("error") else ""))
+            save()
             del case
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    stem = f"{_slug(report['device'])}-{report['date']}" + ("-quick" if quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    save()
     (out / f"{stem}.md").write_text(markdown_table(report))
-    report["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")] + [str(p) for p in plot(report, out)]
+    report["files"] = [str(json_path), str(out / f"{stem}.md")] + [str(p) for p in plot(report, out)]
     log("wrote " + ", ".join(report["files"]))
     return report
 

@@ -100,6 +100,9 @@ def _sdpa_flash(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+_FLEX_COMPILED = None
+
+
 def _flex(n: int, window, device):
     """FlexAttention compiled, with the sliding-window block mask equivalent to ``window``."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -112,8 +115,13 @@ def _flex(n: int, window, device):
             ok = ok & (kv_idx - q_idx <= right)
         return ok
 
+    global _FLEX_COMPILED
     block_mask = create_block_mask(mask_mod, None, None, n, n, device=device)
-    compiled = torch.compile(flex_attention)
+    if _FLEX_COMPILED is None:
+        # One compiled wrapper for every case, so torch.compile's cache (and its automatic
+        # dynamic shapes after the first recompile) spares a full compile per shape.
+        _FLEX_COMPILED = torch.compile(flex_attention)
+    compiled = _FLEX_COMPILED
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
