@@ -155,10 +155,13 @@ def test_banded_scaling_is_linear(benchmark):
     fig.savefig(PLOT, dpi=100)
     plt.close(fig)
     print(f"\nplot: {PLOT}\n" + "\n".join(f"N={n}: {a:.0f} ms, {b:.1f} MiB" for n, a, b in zip(ns, t, m)))
-    # Linear, not quadratic: each doubling of N at most doubles the cost (30% slack for timing noise;
-    # quadratic growth would give 4x), and so from 2k to 32k at most 16x.  Fixed per-call costs make
-    # the short lengths relatively dearer, so the measured growth is usually below 2x per doubling.
+    # Linear, not quadratic: the least-squares slope of log(cost) against log(N) is 1 for a
+    # linear cost and 2 for a quadratic one.  One timing per length is noisy (single points
+    # can jump), so the fit over the five lengths is what is asserted, with 0.25 of slack;
+    # fixed per-call costs make short lengths relatively dearer and push the slope below 1.
+    import numpy as np
+
     for name, y in (("time", t), ("memory", m)):
-        steps = [b / a for a, b in zip(y, y[1:])]
-        assert max(steps) <= 2.6, (name, steps)
+        slope = float(np.polyfit(np.log(ns), np.log(y), 1)[0])
+        assert slope <= 1.25, (name, slope, y)
         assert y[-1] / y[0] <= 16 * 1.3, (name, y)
