@@ -10,6 +10,7 @@ TFLOP/s), (c) times every op against its peers with triton.testing.do_bench
 (median) and (d) writes <out>/<gpu>-<yyyy-mm-dd>.json, a markdown table, PNG
 plots and the log.  --out defaults to $OUT when set (the device tool's output
 folder), else bench/results.  Exit status 1 when any correctness check fails.
+It runs from a plain checkout too (no install needed): ``python bench/gpu_suite.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,32 @@ import os
 import sys
 import time
 from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def use_source_checkout() -> None:
+    """Make ``leedl_fast`` (and ``kernels/`` as ``leedl_fast.kernels``) importable from this
+    checkout when the package is not installed, e.g. on a GPU machine that got a bare copy of
+    the tree: what ``setup.py``'s package_dir mapping does for an install."""
+    import importlib.util
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        importlib.import_module("leedl_fast.kernels")
+        return
+    except ImportError:
+        pass
+    import leedl_fast
+
+    spec = importlib.util.spec_from_file_location(
+        "leedl_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["leedl_fast.kernels"] = module
+    spec.loader.exec_module(module)
+    leedl_fast.kernels = module
 
 
 def main(argv=None) -> int:
@@ -47,6 +74,7 @@ def main(argv=None) -> int:
         print(line, flush=True)
         log_file.write(line + "\n")
 
+    use_source_checkout()
     from leedl_fast.bench.runner import run
 
     t0 = time.time()
@@ -61,5 +89,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
