@@ -279,8 +279,15 @@ def _mismatch(exc: Exception) -> str:
     return detail[:300] + (f" (and {more} more)" if more > 0 else "")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the module itself when unwrapped)."""
     return getattr(model, "module", model)
+
+
+def recipe_arg(args, name: str, default):
+    """``args.name`` when the CLI set it, else a recipe's ``default`` (recipes read optional knobs so)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 # --------------------------------------------------------------------------- training
@@ -302,7 +309,7 @@ def _load_states(payload: dict, models: dict, optimizers: dict, recipe, path: Pa
             f"but this recipe builds {sorted(models)} and {sorted(optimizers)}")
     for name, model in models.items():
         try:
-            _unwrap(model).load_state_dict(saved_models[name])
+            unwrap(model).load_state_dict(saved_models[name])
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit model {name!r}: {_mismatch(exc)}") from None
     for name, opt in optimizers.items():
@@ -429,7 +436,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
             return
         payload = {
             "step": step,
-            "models": {k: _unwrap(m).state_dict() for k, m in models.items()},
+            "models": {k: unwrap(m).state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "recipe_state": recipe.state_dict(),
             "rng": rngs,
@@ -506,7 +513,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
         for k in dict.fromkeys(k for _, l in tail for k in l):
             vals = [l[k] for _, l in tail if k in l]
             final[k] = float(sum(vals) / len(vals))
-        metrics = recipe.finish({k: _unwrap(m) for k, m in models.items()}, args, out) or {}
+        metrics = recipe.finish({k: unwrap(m) for k, m in models.items()}, args, out) or {}
         results = {
             "recipe": recipe.name, "steps": step, "steps_requested": int(args.steps), "world_size": info.world_size, "device": str(device),
             "seed": seed, "batch_size": int(args.batch_size), "train_seconds": round(wall, 3),

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..digits import DigitClassifier, load_digits, save_grid
+from ..training import recipe_arg, unwrap
 from .loss import training_loss
 from .samplers import DDIMSampler, DDPMSampler
 from .schedule import NoiseSchedule
@@ -37,15 +38,6 @@ __all__ = ["DiffusionRecipe", "RECIPES"]
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the "no label" token of classifier-free guidance
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    return getattr(m, "module", m)
-
-
-def _arg(args, name, default):
-    value = getattr(args, name, None)
-    return default if value is None else value
 
 
 class DiffusionRecipe:
@@ -65,7 +57,7 @@ class DiffusionRecipe:
 
     # -- training ---------------------------------------------------------------------------------
     def build(self, args, device) -> dict[str, nn.Module]:
-        unet = UNet(1, base_channels=_arg(args, "base_channels", self.base_channels), channel_mults=(1, 2),
+        unet = UNet(1, base_channels=recipe_arg(args, "base_channels", self.base_channels), channel_mults=(1, 2),
                     num_res_blocks=1, head_dim=32, num_classes=NUM_CLASSES + 1).to(device)
         ema = copy.deepcopy(unet).requires_grad_(False).eval()
         return {"unet": unet, "ema": ema, "classifier": DigitClassifier().to(device)}
@@ -87,7 +79,7 @@ class DiffusionRecipe:
 
     def train_step(self, models, optimizers, batch, step, args) -> dict[str, float]:
         unet, ema, clf = models["unet"], models["ema"], models["classifier"]
-        device = next(_unwrap(unet).parameters()).device
+        device = next(unwrap(unet).parameters()).device
         x, y = (b.to(device) for b in batch)
         if self.schedule.device != device:
             self.schedule.to(device)
@@ -105,9 +97,9 @@ class DiffusionRecipe:
         # EMA with the usual warm-up of the decay, so early averages are not dominated by the init.
         decay = min(self.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(_unwrap(ema).parameters(), _unwrap(unet).parameters()):
+            for pe, p in zip(unwrap(ema).parameters(), unwrap(unet).parameters()):
                 pe.lerp_(p.detach(), 1 - decay)
-            for be, b in zip(_unwrap(ema).buffers(), _unwrap(unet).buffers()):
+            for be, b in zip(unwrap(ema).buffers(), unwrap(unet).buffers()):
                 be.copy_(b)
 
         # The judge: a classifier on the same batch, with a little noise so it tolerates imperfect samples.
@@ -125,7 +117,7 @@ class DiffusionRecipe:
     def generate(self, model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddim", steps: int | None = None,
                  guidance: float | None = None, seed: int | None = 0) -> torch.Tensor:
         """Class-conditional samples (len(labels), 1, 8, 8) in [-1, 1] from ``model`` (the EMA UNet)."""
-        model = _unwrap(model)
+        model = unwrap(model)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -153,11 +145,11 @@ class DiffusionRecipe:
         return out.clamp(-1, 1)
 
     def finish(self, models, args, out_dir: pathlib.Path) -> dict[str, float]:
-        per_class = int(_arg(args, "eval_per_class", self.eval_per_class))
+        per_class = int(recipe_arg(args, "eval_per_class", self.eval_per_class))
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-        samples = self.generate(models["ema"], labels, seed=int(_arg(args, "seed", 0)),
-                                guidance=float(_arg(args, "guidance", self.guidance)))
-        clf = _unwrap(models["classifier"]).eval()
+        samples = self.generate(models["ema"], labels, seed=int(recipe_arg(args, "seed", 0)),
+                                guidance=float(recipe_arg(args, "guidance", self.guidance)))
+        clf = unwrap(models["classifier"]).eval()
         with torch.no_grad():
             pred = clf(samples).argmax(-1).cpu()
             x, y = load_digits("all")
@@ -173,13 +165,13 @@ class DiffusionRecipe:
     def sample(self, models, args, out_path: pathlib.Path) -> None:
         """A grid of samples, one row per digit, from the EMA model: ``--sampler ddim|ddpm --steps N``
         (DDIM: 25 steps by default; DDPM: the full 1000-step chain by default)."""
-        per_class = int(_arg(args, "eval_per_class", 10))
+        per_class = int(recipe_arg(args, "eval_per_class", 10))
         labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-        sampler = _arg(args, "sampler", "ddim")
+        sampler = recipe_arg(args, "sampler", "ddim")
         steps = getattr(args, "steps", None)
         model = models.get("ema", models["unet"])
         images = self.generate(model, labels, sampler=sampler, steps=steps, seed=getattr(args, "seed", None),
-                               guidance=float(_arg(args, "guidance", self.guidance)))
+                               guidance=float(recipe_arg(args, "guidance", self.guidance)))
         save_grid(images, pathlib.Path(out_path), nrow=per_class)
 
     def state_dict(self) -> dict:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..digits import DigitClassifier, load_digits, save_grid
+from ..training import recipe_arg
 from .conditional import ConditionalGenerator, ProjectionDiscriminator
 from .cyclegan import NLayerDiscriminator, ResnetGenerator, cyclegan_step
 from .dcgan import sample_latent
@@ -46,11 +47,6 @@ __all__ = ["RECIPES", "GANRecipe", "CycleGANRecipe", "load_digits", "thicken", "
 # ``cycle_thresholds()`` from the fixed split: 0.1318 (A: 0.1332, B: 0.1304).  The same function gives the
 # stricter nearest-training-image error (0.0711), printed for comparison.
 CYCLE_L1_THRESHOLD = 0.1318
-
-
-def _arg(args, name, default):
-    v = getattr(args, name, None)
-    return default if v is None else v
 
 
 def cycle_thresholds() -> dict[str, float]:
@@ -98,9 +94,9 @@ class GANRecipe:
     classifier_epochs = 15
 
     def build(self, args, device) -> dict[str, nn.Module]:
-        G = ConditionalGenerator(_arg(args, "latent_dim", self.latent_dim), 8, 1, _arg(args, "ngf", self.ngf),
+        G = ConditionalGenerator(recipe_arg(args, "latent_dim", self.latent_dim), 8, 1, recipe_arg(args, "ngf", self.ngf),
                                  num_classes=10, embed_dim=16)
-        D = apply_spectral_norm(ProjectionDiscriminator(8, 1, _arg(args, "ndf", self.ndf), num_classes=10,
+        D = apply_spectral_norm(ProjectionDiscriminator(8, 1, recipe_arg(args, "ndf", self.ndf), num_classes=10,
                                                      n_down=self.d_n_down))
         return {"G": G.to(device), "D": D.to(device)}
 
@@ -120,10 +116,10 @@ class GANRecipe:
         G, D = models["G"], models["D"]
         device = _device_of(G)
         x, y = (t.to(device) for t in batch)
-        latent_dim = _arg(args, "latent_dim", self.latent_dim)
+        latent_dim = recipe_arg(args, "latent_dim", self.latent_dim)
         out = discriminator_step(G, D, optimizers["D"], x, y, criterion=self.criterion, latent_dim=latent_dim,
                                  num_classes=10, mismatch_weight=self.mismatch_weight)
-        if (step + 1) % _arg(args, "n_critic", self.n_critic) == 0:
+        if (step + 1) % recipe_arg(args, "n_critic", self.n_critic) == 0:
             self.last_loss_G = generator_step(G, D, optimizers["G"], x.shape[0], y, criterion=self.criterion,
                                               latent_dim=latent_dim, device=device)["loss_G"]
         out["loss_G"] = self.last_loss_G
@@ -146,7 +142,7 @@ class GANRecipe:
         x_te, y_te = load_digits("test")
         clf = DigitClassifier.trained(x_tr, y_tr, epochs=self.classifier_epochs)
         clf_acc = clf.accuracy(x_te, y_te)
-        x, labels = self._samples(models["G"], self.samples_per_class, int(_arg(args, "seed", 0)))
+        x, labels = self._samples(models["G"], self.samples_per_class, int(recipe_arg(args, "seed", 0)))
         acc = clf.accuracy(x, labels)
         per_row = min(10, self.samples_per_class)  # row c: samples asked for as class c
         grid = save_grid(x.view(10, self.samples_per_class, 1, 8, 8)[:, :per_row].reshape(-1, 1, 8, 8),
@@ -156,7 +152,7 @@ class GANRecipe:
         return {"class_accuracy": acc, "classifier_test_accuracy": clf_acc}
 
     def sample(self, models, args, out_path: pathlib.Path) -> None:
-        x, _ = self._samples(models["G"], 10, int(_arg(args, "seed", 0)))
+        x, _ = self._samples(models["G"], 10, int(recipe_arg(args, "seed", 0)))
         save_grid(x, out_path, nrow=10)
 
     def state_dict(self) -> dict:
@@ -201,7 +197,7 @@ class CycleGANRecipe:
         self.fake_B_pool = ImagePool(self.pool_size, seed=1)
 
     def build(self, args, device) -> dict[str, nn.Module]:
-        seed = int(_arg(args, "seed", 0))
+        seed = int(recipe_arg(args, "seed", 0))
         self.fake_A_pool = ImagePool(self.pool_size, seed=seed)
         self.fake_B_pool = ImagePool(self.pool_size, seed=seed + 1)
         return {"netG_A": ResnetGenerator(1, 1, self.ngf, self.n_blocks).to(device),

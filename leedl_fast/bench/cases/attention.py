@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from leedl_fast.bench.common import Case, CheckResult
 from leedl_fast.ops import attention, attention_reference
+from leedl_fast.ops.attention import _visible_mask
 
 OPS = ("attention", "banded")
 
@@ -60,15 +61,9 @@ def band_pairs(nq: int, nk: int, left: int, right: int) -> int:
 
 
 def band_mask(n: int, left: int, right: int, device) -> torch.Tensor:
-    """The (N, N) boolean mask (True = attend) equivalent to a window, for dense SDPA peers."""
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    m = torch.ones(n, n, dtype=torch.bool, device=device)
-    if left >= 0:
-        m &= j >= i - left
-    if right >= 0:
-        m &= j <= i + right
-    return m
+    """The (N, N) boolean mask (True = attend) equivalent to a window, for dense SDPA peers:
+    the reference's own definition of the band."""
+    return _visible_mask(n, n, left, right, None, device)[0, 0]
 
 
 def _fwd_bwd(fn, q, k, v, do):
