@@ -59,7 +59,44 @@ def test_time_budget_skips_but_still_writes(tmp_path, monkeypatch):
     report = runner.run(quick=True, ops=["softmax"], out=tmp_path, checks=False, device="cpu", log=lambda m: None,
                         time_budget_s=0.0)
     data = json.loads(Path(report["files"][0]).read_text())
-    assert data["results"] and all(r["error"].startswith("skipped: time budget") for r in data["results"])
+    assert data["results"] and all(r["error"].startswith("skipped: this module's share") for r in data["results"])
+
+
+def test_time_budget_is_shared_so_a_slow_module_cannot_starve_the_next(tmp_path, monkeypatch):
+    """Each module gets the budget left divided by the modules still to run: a module whose cases overrun its
+    share loses its own later cases, and the module after it still runs."""
+    import time
+    import types
+
+    import torch
+
+    from leedl_fast.bench.common import Case
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+
+    def slow_ours():
+        clock["now"] += 30.0  # each call of the slow module's op "takes" 30 s of the budget
+
+    def module(name, ours, n):
+        def cases(device, quick):
+            for i in range(n):
+                yield Case(op=name, mode="fwd", dtype=torch.float32, shape={"i": i}, ours=ours, peers={})
+        return types.SimpleNamespace(__name__=f"fake.{name}", OPS=(name,), cases=cases)
+
+    mods = [module("slow", slow_ours, 5), module("fast", lambda: None, 3)]
+    monkeypatch.setattr(runner, "case_modules", lambda ops=None: mods)
+    monkeypatch.setattr(runner, "ceilings", lambda device, quick=False: {})
+    monkeypatch.setattr(runner, "time_ms", lambda fn, device, quick=False: (fn(), 1.0)[1])
+    monkeypatch.setattr(runner, "peak_mb", lambda fn, device: None)
+    report = runner.run(quick=True, ops=None, out=tmp_path, checks=False, device="cpu", log=lambda m: None,
+                        time_budget_s=100.0)
+    rows = json.loads(Path(report["files"][0]).read_text())["results"]
+    slow = [r for r in rows if r["op"] == "slow"]
+    fast = [r for r in rows if r["op"] == "fast"]
+    # share of "slow": 100 s / 2 modules = 50 s; its cases start at t=0 and t=30 (60 s spent), the rest skip
+    assert [r.get("error") is None for r in slow] == [True, True, False, False, False]
+    assert len(fast) == 3 and all(r.get("error") is None for r in fast)
 
 
 def test_gpu_suite_runs_from_a_bare_checkout(tmp_path):
