@@ -34,7 +34,10 @@ def test_matches_triton(seed, triton_path):
     ])
     u, n = _triton_draw(seed, offsets, triton_path)
     assert torch.equal(philox_uniform(seed, offsets), u), "uniforms must be bit-identical"
-    assert (philox_normal(seed, offsets) - n).abs().max().item() <= 1e-6
+    if triton_path == "cpu":  # the interpreter's tl.log / tl.cos are numpy's, which the CPU port uses too
+        assert torch.equal(philox_normal(seed, offsets), n), "CPU normals must equal the interpreter's bit for bit"
+    else:  # a compiled kernel's libdevice log / cos round the last bit their own way
+        assert (philox_normal(seed, offsets) - n).abs().max().item() <= 1e-6
 
 
 def test_distribution():
