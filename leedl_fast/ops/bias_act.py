@@ -1,0 +1,290 @@
+"""Fused bias + activation + dropout: reference, torch path, Triton path, autograd.
+
+    y = dropout(act(x + bias))        x (..., C), bias (C,) broadcast over the leading dims
+
+The elementwise tail of a Transformer feed-forward layer's first linear map
+(``dropout(activation(linear1(x)))`` in ``torch.nn.TransformerEncoderLayer``,
+with the GEMM run without its bias): one kernel forward and one backward.
+
+Activations: ``"relu"``, ``"gelu"`` (the erf form, ``F.gelu``'s default),
+``"gelu_tanh"`` (``F.gelu(approximate="tanh")``), ``"silu"``, ``"identity"``.
+
+Dropout
+-------
+Element ``i`` of x in its logical row-major order (``i = x_flat_index``, int64) is
+kept iff ``philox_uniform(seed, i) >= dropout_p``, and kept values are scaled by
+``1 / (1 - dropout_p)``.  The kernel draws the same numbers with ``tl.rand`` and
+regenerates them in the backward pass: the mask is never stored.  ``seed=None``
+draws one from torch's default generator (``torch.manual_seed`` makes runs
+reproducible); both paths give the same mask for the same seed.
+
+Autograd
+--------
+``leedl_fast::bias_act_dropout_fwd(x, bias, seed, activation, dropout_p) -> y`` and
+``leedl_fast::bias_act_dropout_bwd(dy, x, bias, seed, activation, dropout_p) ->
+(dx, dbias)`` are torch custom ops with fake implementations, tied by
+``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one node each.
+The forward saves x (the pre-bias input, not y) and bias; the backward recomputes
+``z = x + bias`` and ``act'(z)``: ``dx = dy * keep / (1 - p) * act'(z)`` and
+``dbias = sum of dx over the leading dims`` (float32 partial sums per tile, reduced
+with one torch sum; deterministic).  When no bias is given the backward op's
+dbias is an empty (0,) tensor.  All outputs are contiguous.
+
+In eager mode on the torch path the function runs on torch's own differentiable
+ops (no custom-op dispatch), the same function as the custom op's torch
+implementation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend
+from ..random import MAX_SEED, philox_uniform
+from ._common import check_tensor
+
+__all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
+
+# Elements per Philox call on the torch path: bounds the int64 temporaries of the generator.
+_MASK_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """Bool keep-mask of ``shape``: element i (row-major) kept iff philox_uniform(seed, i) >= p."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    keep = torch.zeros(n, dtype=torch.bool, device=device)
+    for start in range(0, n, _MASK_CHUNK):
+        stop = min(n, start + _MASK_CHUNK)
+        offs = torch.arange(start, stop, dtype=torch.int64, device=device)
+        keep[start:stop] = philox_uniform(seed, offs) >= p
+    return keep.view(shape)
+
+
+def bias_act_dropout_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: str = "relu",
+                               dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """The definition, in the input's dtype (use float64 inputs for a reference).
+
+    ``seed`` is required when ``dropout_p > 0`` (so the reference never draws)."""
+    z = x if bias is None else x + bias
+    if activation == "relu":
+        a = torch.where(z > 0, z, torch.zeros_like(z))
+    elif activation == "gelu":
+        a = 0.5 * z * (1.0 + torch.erf(z / 2.0 ** 0.5))
+    elif activation == "gelu_tanh":
+        a = 0.5 * z * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3)))
+    elif activation == "silu":
+        a = z * torch.sigmoid(z)
+    elif activation == "identity":
+        a = z
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if dropout_p > 0:
+        if seed is None:
+            raise ValueError("bias_act_dropout_reference needs an explicit seed when dropout_p > 0")
+        keep = philox_uniform(int(seed), torch.arange(x.numel(), device=x.device).view(x.shape)) >= dropout_p
+        a = a * keep / (1.0 - dropout_p)
+    return a
+
+
+# ----------------------------------------------------------------------------- torch path
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _act_torch(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if activation == "silu":
+        return F.silu(z)
+    return z
+
+
+def _bias_act_dropout_torch(x: torch.Tensor, bias: Optional[torch.Tensor], activation: str, dropout_p: float,
+                            seed: int) -> torch.Tensor:
+    """The same function with torch's ops, in float32 (float64 for float64 inputs); differentiable.
+    Returns a new contiguous tensor in x's dtype."""
+    acc = _acc_dtype(x)
+    z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
+    a = _act_torch(z, activation)
+    if dropout_p > 0.0:
+        keep = _keep_mask(seed, x.shape, dropout_p, x.device)
+        a = torch.where(keep, a * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=x.device))
+    y = a.to(x.dtype).contiguous()
+    if y.data_ptr() == x.data_ptr() and x.numel() > 0:  # identity of a float32 input: never alias the input
+        y = y.clone()
+    return y
+
+
+def _act_backward_torch(g: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    # torch's own activation backward kernels: the derivative at z times g.
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(g, z, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(g, z)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(g, z, approximate="tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(g, z)
+    return g
+
+
+def _bias_act_dropout_backward_torch(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+                                     activation: str, dropout_p: float, seed: int):
+    acc = _acc_dtype(x)
+    z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
+    g = dy.to(acc)
+    if dropout_p > 0.0:
+        keep = _keep_mask(seed, x.shape, dropout_p, x.device)
+        g = torch.where(keep, g * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=x.device))
+    dz = _act_backward_torch(g, z, activation)
+    dx = dz.to(x.dtype).contiguous()
+    if dx.data_ptr() == dy.data_ptr() and dx.numel() > 0:
+        dx = dx.clone()
+    if bias is None:
+        return dx, x.new_empty((0,))
+    dbias = dz.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
+    return dx, dbias
+
+
+# ----------------------------------------------------------------------------- Triton path and custom ops
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.dtype != torch.float64 and backend.select("bias_act", x) == "triton"
+
+
+def _seed_int(seed: Optional[torch.Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(M, C) view (a copy if it must be) with unit column stride; row strides are passed to the kernel."""
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+@torch.library.custom_op("leedl_fast::bias_act_dropout_fwd", mutates_args=())
+def _bias_act_fwd_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], activation: str,
+                     dropout_p: float) -> torch.Tensor:
+    if x.numel() == 0 or not _use_triton(x):
+        return _bias_act_dropout_torch(x, bias, activation, dropout_p, _seed_int(seed))
+    from leedl_fast.kernels.bias_act import ACTIVATIONS as codes, bias_act_fwd
+
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    bias_act_fwd(_as_rows(x), None if bias is None else bias.contiguous(), y.view(-1, x.shape[-1]),
+                 activation=codes[activation], dropout_p=dropout_p, seed=_seed_int(seed))
+    return y
+
+
+@_bias_act_fwd_op.register_fake
+def _(x, bias, seed, activation, dropout_p):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("leedl_fast::bias_act_dropout_bwd", mutates_args=())
+def _bias_act_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                     activation: str, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0 or not _use_triton(x):
+        return _bias_act_dropout_backward_torch(dy, x, bias, activation, dropout_p, _seed_int(seed))
+    from leedl_fast.kernels.bias_act import ACTIVATIONS as codes, bias_act_bwd
+
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dbias = bias_act_bwd(_as_rows(dy), _as_rows(x), None if bias is None else bias.contiguous(),
+                         dx.view(-1, x.shape[-1]), activation=codes[activation], dropout_p=dropout_p,
+                         seed=_seed_int(seed))
+    return dx, (x.new_empty((0,)) if bias is None else dbias.to(bias.dtype))
+
+
+@_bias_act_bwd_op.register_fake
+def _(dy, x, bias, seed, activation, dropout_p):
+    dbias = x.new_empty((0,)) if bias is None else torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, seed, activation, dropout_p = inputs
+    ctx.save_for_backward(x, bias, seed)
+    ctx.args = (activation, dropout_p)
+
+
+def _backward(ctx, dy):
+    x, bias, seed = ctx.saved_tensors
+    activation, dropout_p = ctx.args
+    dx, dbias = _bias_act_bwd_op(dy.to(x.dtype), x, bias, seed, activation, dropout_p)
+    return dx, (dbias if bias is not None else None), None, None, None
+
+
+torch.library.register_autograd("leedl_fast::bias_act_dropout_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_args(x, bias, activation, dropout_p, seed) -> None:
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., C), got a 0-d tensor")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
+            raise ValueError(f"bias must have shape (C,) = ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+
+
+def bias_act_dropout(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: str = "relu",
+                     dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """``dropout(act(x + bias))`` in one pass; the backward regenerates the dropout mask.
+
+    Args:
+        x: (..., C), float16, bfloat16 or float32 (float64 on the torch path); any strides.
+        bias: None or (C,), x's dtype and device, added to every row.
+        activation: "relu", "gelu" (erf), "gelu_tanh", "silu" or "identity".
+        dropout_p: probability of zeroing an element, in [0, 1); kept elements are scaled by
+            1 / (1 - dropout_p).  Element i (x's row-major index) is kept iff
+            ``philox_uniform(seed, i) >= dropout_p``.
+        seed: Philox seed for the mask; None draws one from torch's default generator.
+
+    Returns a contiguous tensor of x's shape and dtype, computed in float32.  Differentiable in x
+    and bias (once).  Runs the Triton kernels for CUDA tensors (``leedl_fast.backend``), torch's
+    ops otherwise.  Deterministic: the same inputs and seed give the same bits.
+    """
+    _check_args(x, bias, activation, dropout_p, seed)
+    dropout_p = float(dropout_p)
+    if not torch.compiler.is_compiling() and not _use_triton(x):
+        # Eager torch path: torch's differentiable ops without the custom-op dispatch; the seed is
+        # drawn exactly as below, so both give the same mask from the same generator state.
+        seed_i = 0
+        if dropout_p > 0.0:
+            seed_i = int(torch.randint(0, MAX_SEED, (), dtype=torch.int64)) if seed is None else seed
+        return _bias_act_dropout_torch(x, bias, activation, dropout_p, seed_i)
+    seed_t = None
+    if dropout_p > 0.0:
+        if seed is None:
+            seed_t = torch.randint(0, MAX_SEED, (), dtype=torch.int64)
+        else:
+            seed_t = torch.tensor(seed, dtype=torch.int64)
+    return _bias_act_fwd_op(x, bias, seed_t, activation, dropout_p)
