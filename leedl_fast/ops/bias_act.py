@@ -155,7 +155,10 @@ def _bias_act_dropout_backward_torch(dy: torch.Tensor, x: torch.Tensor, bias: Op
         dx = dx.clone()
     if bias is None:
         return dx, x.new_empty((0,))
-    dbias = dz.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
+    dbias = dz.sum(dim=tuple(range(dz.dim() - 1))) if dz.dim() > 1 else dz  # sum(dim=()) would sum all
+    dbias = dbias.to(bias.dtype)
+    if dbias.data_ptr() == dy.data_ptr() and dbias.numel() > 0:
+        dbias = dbias.clone()
     return dx, dbias
 
 
