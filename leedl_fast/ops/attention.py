@@ -72,11 +72,16 @@ The torch path (CPU fallback)
 * Without dropout it runs ATen's fused CPU attention kernels
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: the
   ones ``scaled_dot_product_attention`` itself runs on CPU), so dense attention
-  costs what SDPA costs.  Key padding enters as a (B, 1, 1, Nk) additive mask;
-  causal attention with Nq == Nk as the kernel's own causal flag.  Grouped-query
-  attention folds the G = Hq / Hkv query heads of one key head into the kernel's
-  head axis and gives k, v a stride-0 head axis (no copy of k or v).
-* A band, or causal attention with Nq != Nk, runs over blocks of bm query rows;
+  costs what SDPA costs.  Key padding enters as a (B, 1, 1, Nk) additive mask.
+  Grouped-query attention goes to the kernels as is where they support it (newer
+  torch; probed once); otherwise the G = Hq / Hkv query heads of one key head are
+  folded into the kernel's head axis and k, v get a stride-0 head axis (no copy).
+* A band bounded only on the right (causal attention with any Nq, Nk; a window
+  (-1, r)) sees keys j <= i + s, s = Nk - Nq + r: the keys before s in one plain
+  call, the rest with the kernel's (top-left) causal flag, the two merged by their
+  log-sum-exps; rows with i + s < 0 see nothing.  No mask tensor; Nq == Nk causal
+  is one call.
+* A band with a left bound runs over blocks of bm query rows;
   each block attends only to the key window its band can reach.  For a finite
   band the interior blocks go to the kernel in a few calls: q's blocks and the
   (overlapping) key windows are strided views (``as_strided``, no copy), the band
@@ -339,20 +344,75 @@ def _additive(vis: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
 
 # ----------------------------------------------------------------------------- torch path: fused CPU kernels
 
+_NATIVE_GQA: Optional[bool] = None
+
+
+def _native_gqa() -> bool:
+    """Whether ATen's CPU flash kernels take k, v with fewer heads than q themselves (grouped-query
+    attention inside the kernel, key gradients summed there: newer torch releases).  Probed once,
+    lazily, on a tiny problem against the folded form; older kernels reject the shapes."""
+    global _NATIVE_GQA
+    if _NATIVE_GQA is None:
+        g = torch.Generator().manual_seed(0)
+        q, do = torch.randn(2, 1, 2, 3, 16, generator=g, dtype=torch.float64).unbind(0)
+        k, v = torch.randn(2, 1, 1, 3, 16, generator=g, dtype=torch.float64).unbind(0)
+        ke, ve = k.expand(1, 2, 3, 16), v.expand(1, 2, 3, 16)
+        try:
+            o, lse = _cpu_flash(q, k, v, 0.0, True, scale=0.25)
+            grads = _cpu_flash_bwd(do, q, k, v, o, lse, 0.0, True, scale=0.25)
+        except RuntimeError:
+            _NATIVE_GQA = False
+            return False
+        o_ref, lse_ref = _cpu_flash(q, ke, ve, 0.0, True, scale=0.25)
+        gq_ref, gk_ref, gv_ref = _cpu_flash_bwd(do, q, ke, ve, o_ref, lse_ref, 0.0, True, scale=0.25)
+        gk_ref, gv_ref = gk_ref.sum(1, keepdim=True), gv_ref.sum(1, keepdim=True)
+        _NATIVE_GQA = all(a.shape == b.shape and torch.allclose(a, b)
+                          for a, b in zip((o, *grads), (o_ref, gq_ref, gk_ref, gv_ref)))
+    return _NATIVE_GQA
+
+
 def _fold(q, k, v, mask):
-    """Fold grouped-query heads: q (B, Hkv*G, N, D) -> (B*Hkv, G, N, D); k, v -> (B*Hkv, G, Nk, D)
-    with a stride-0 head axis (no copy); mask batch axis B -> B*Hkv."""
+    """Grouped-query heads for ATen's kernels.  When they handle Hkv < Hq themselves, as is.
+    Otherwise fold: q (B, Hkv*G, N, D) -> (B*Hkv, G, N, D); k, v -> (B*Hkv, G, Nk, D) with a
+    stride-0 head axis (no copy); mask batch axis B -> B*Hkv.  Returns (q, k, v, mask, folded)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
-    if g == 1:
-        return q, k, v, mask
+    if g == 1 or _native_gqa():
+        return q, k, v, mask, False
     qf = q.reshape(b * hkv, g, nq, d)
     kf = k.reshape(b * hkv, 1, nk, d).expand(b * hkv, g, nk, d)
     vf = v.reshape(b * hkv, 1, nk, d).expand(b * hkv, g, nk, d)
     if mask is not None and mask.shape[0] != 1:
         mask = mask[:, None].expand(mask.shape[0], hkv, *mask.shape[1:]).reshape(b * hkv, *mask.shape[1:])
-    return qf, kf, vf, mask
+    return qf, kf, vf, mask, True
+
+
+def _flash(q, k, v, causal: bool, mask, scale: float):
+    """ATen's fused CPU forward on (B, Hq, N, D) q and (B, Hkv, Nk, D) k, v: (o, lse) in q's head
+    layout.  ``causal`` is the kernel's flag: top-left aligned (query i sees keys j <= i)."""
+    b, hq, nq, d = q.shape
+    qf, kf, vf, mf, _ = _fold(q, k, v, mask)
+    of, lf = _cpu_flash(qf, kf, vf, 0.0, causal, attn_mask=mf, scale=scale)
+    return of.reshape(b, hq, nq, d), lf.reshape(b, hq, nq)
+
+
+def _flash_bwd(do, q, k, v, o, lse, causal: bool, mask, scale: float):
+    """ATen's fused CPU backward: (dq, dk, dv), dk and dv with k's (B, Hkv, Nk, D) shape."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    qf, kf, vf, mf, folded = _fold(q, k, v, mask)
+    gq, gk, gv = _cpu_flash_bwd(do.reshape(qf.shape), qf, kf, vf, o.reshape(qf.shape), lse.reshape(qf.shape[:3]),
+                                0.0, causal, attn_mask=mf, scale=scale)
+    if folded:
+        gk = gk.view(b, hkv, hq // hkv, nk, d).sum(2)
+        gv = gv.view(b, hkv, hq // hkv, nk, d).sum(2)
+    return gq.reshape(b, hq, nq, d), gk, gv
+
+
+def _pad_additive(kpm, lo: int, hi: int, dtype) -> Optional[torch.Tensor]:
+    """(B, 1, 1, hi - lo) additive mask of the padded keys lo..hi-1, or None without padding."""
+    return None if kpm is None else _additive(~kpm[:, None, None, lo:hi], dtype)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -432,19 +492,67 @@ def _loop_ranges(nq: int, nk: int, left: int, right: int):
     return 256, [(0, nq)], None
 
 
+def _prefix_empty(kpm, lo: int, hi: int, nq: int, causal: bool) -> Optional[torch.Tensor]:
+    """(B, 1, Nq) bool: rows of a part (keys lo..hi-1, all of them, or the first i + 1 for query i
+    under the kernel's top-left causal flag) whose keys are all padded; None without padding."""
+    if kpm is None:
+        return None
+    seen = torch.cumsum((~kpm[:, lo:hi]).to(torch.int32), dim=1)                       # [B, hi - lo]
+    if not causal:
+        return (seen[:, -1:] == 0).expand(kpm.shape[0], nq)[:, None]
+    idx = torch.arange(nq, device=kpm.device).clamp_(max=hi - lo - 1)
+    return (seen[:, idx] == 0)[:, None]
+
+
+def _fwd_right_bounded(q, k, v, kpm, scale, right, o, lse):
+    """A band bounded on the right only (causal with any Nq, Nk; window (-1, r)): query i sees keys
+    j <= i + s, s = Nk - Nq + right.  Rows i < -s see nothing; keys j < s are seen by every row (a
+    plain call); keys j >= s by the kernel's top-left causal flag.  Two such parts are merged by their
+    log-sum-exps (Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018): no mask
+    tensor, and each part costs what its visible scores cost."""
+    nq, nk = q.shape[2], k.shape[2]
+    s = nk - nq + right
+    if s <= 0:
+        r0 = -s
+        if r0 > 0:
+            o[:, :, :r0] = 0
+            lse[:, :, :r0] = float("-inf")
+        ob, lb = _flash(q[:, :, r0:], k, v, True, _pad_additive(kpm, 0, nk, q.dtype), scale)
+        if r0 == 0:
+            o = _conform(ob, o)
+        else:
+            o[:, :, r0:] = ob
+        lse[:, :, r0:] = lb
+        return o
+    oa, la = _flash(q, k[:, :, :s], v[:, :, :s], False, _pad_additive(kpm, 0, s, q.dtype), scale)
+    ob, lb = _flash(q, k[:, :, s:], v[:, :, s:], True, _pad_additive(kpm, s, nk, q.dtype), scale)
+    la, lb = la.to(lse.dtype), lb.to(lse.dtype)
+    if kpm is not None:         # the kernel gives lse 0 (and o 0) on a row whose keys are all masked
+        la = la.masked_fill(_prefix_empty(kpm, 0, s, nq, False), float("-inf"))
+        lb = lb.masked_fill(_prefix_empty(kpm, s, nk, nq, True), float("-inf"))
+    torch.logaddexp(la, lb, out=lse)
+    ref = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)       # rows with no key: o = 0
+    wa, wb = torch.exp(la - ref)[..., None], torch.exp(lb - ref)[..., None]
+    if o.dtype == lse.dtype:
+        torch.mul(oa, wa, out=o)
+        o.addcmul_(ob, wb)
+    else:                       # half precision: merge in float32, round once
+        o.copy_(torch.addcmul(oa * wa, ob, wb))
+    return o
+
+
 def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     groups = hq // hkv
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    causal_square = left < 0 and right == 0 and nq == nk
-    if (left < 0 and right < 0) or causal_square:
-        mask = _additive(None if kpm is None else ~kpm[:, None, None, :], q.dtype)
-        qf, kf, vf, mf = _fold(q, k, v, mask)
-        of, lf = _cpu_flash(qf, kf, vf, 0.0, causal_square, attn_mask=mf, scale=scale)
-        o = _conform(of.reshape(b, hq, nq, d), o)
-        lse.copy_(lf.reshape(b, hq, nq))
+    if left < 0 and right < 0:
+        of, lf = _flash(q, k, v, False, _pad_additive(kpm, 0, nk, q.dtype), scale)
+        o = _conform(of, o)
+        lse.copy_(lf)
         return o
+    if left < 0:
+        return _fwd_right_bounded(q, k, v, kpm, scale, right, o, lse)
     bm, ranges, interior = _loop_ranges(nq, nk, left, right)
     for r0, r1 in ranges:
         for i0 in range(r0, r1, bm):
@@ -455,10 +563,8 @@ def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse):
                 lse[:, :, i0:i1] = float("-inf")
                 continue
             mask = _additive(_block_visible(i0, i1, lo, hi, nq, nk, left, right, kpm, q.device), q.dtype)
-            qf, kf, vf, mf = _fold(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask)
-            of, lf = _cpu_flash(qf, kf, vf, 0.0, False, attn_mask=mf, scale=scale)
-            o[:, :, i0:i1] = of.reshape(b, hq, i1 - i0, d)
-            lse[:, :, i0:i1] = lf.reshape(b, hq, i1 - i0)
+            o[:, :, i0:i1], lse[:, :, i0:i1] = _flash(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], False, mask,
+                                                      scale)
     if interior is None:
         return o
     # The interior blocks in one kernel call per (query-head group[, batch row]): block t's rows
@@ -483,6 +589,31 @@ def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse):
     return o
 
 
+def _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq, dk, dv):
+    """Backward of ``_fwd_right_bounded``: each part's kernel call with the merged o and lse gives
+    that part's share of dq (P and rowsum(dO * O) are the merged ones) and its keys' dk, dv."""
+    nq, nk = q.shape[2], k.shape[2]
+    s = nk - nq + right
+    if s <= 0:
+        r0 = -s
+        gq, gk, gv = _flash_bwd(do[:, :, r0:], q[:, :, r0:], k, v, o[:, :, r0:], lse[:, :, r0:], True,
+                                _pad_additive(kpm, 0, nk, q.dtype), scale)
+        if r0 == 0:
+            dq = _conform(gq, dq)
+        else:
+            dq[:, :, :r0] = 0
+            dq[:, :, r0:] = gq
+        return dq, _conform(gk, dk), _conform(gv, dv)
+    gqa, gka, gva = _flash_bwd(do, q, k[:, :, :s], v[:, :, :s], o, lse, False, _pad_additive(kpm, 0, s, q.dtype),
+                               scale)
+    gqb, gkb, gvb = _flash_bwd(do, q, k[:, :, s:], v[:, :, s:], o, lse, True, _pad_additive(kpm, s, nk, q.dtype),
+                               scale)
+    torch.add(gqa, gqb, out=dq)
+    dk[:, :, :s], dk[:, :, s:] = gka, gkb
+    dv[:, :, :s], dv[:, :, s:] = gva, gvb
+    return dq, dk, dv
+
+
 def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -490,25 +621,13 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     # Empty rows carry lse = -inf; the kernel wants a finite value there (their scores are all
     # -inf, so any finite lse gives P = 0 and zero gradients).
-    lse = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)
-    causal_square = left < 0 and right == 0 and nq == nk
-
-    def run(i0, i1, lo, hi, causal, mask):
-        qf, kf, vf, mf = _fold(q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask)
-        dof = do[:, :, i0:i1].reshape(qf.shape)
-        of = o[:, :, i0:i1].reshape(qf.shape)
-        lf = lse[:, :, i0:i1].reshape(qf.shape[:3])
-        return _cpu_flash_bwd(dof, qf, kf, vf, of, lf, 0.0, causal, attn_mask=mf, scale=scale)
-
-    if (left < 0 and right < 0) or causal_square:
-        mask = _additive(None if kpm is None else ~kpm[:, None, None, :], q.dtype)
-        gq, gk, gv = run(0, nq, 0, nk, causal_square, mask)
-        dq = _conform(gq.reshape(b, hq, nq, d), dq)
-        if groups == 1:
-            return dq, _conform(gk, dk), _conform(gv, dv)
-        torch.sum(gk.view(b, hkv, groups, nk, d), dim=2, out=dk)
-        torch.sum(gv.view(b, hkv, groups, nk, d), dim=2, out=dv)
-        return dq, dk, dv
+    if left >= 0 or right >= 0 or kpm is not None:
+        lse = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)
+    if left < 0 and right < 0:
+        gq, gk, gv = _flash_bwd(do, q, k, v, o, lse, False, _pad_additive(kpm, 0, nk, q.dtype), scale)
+        return _conform(gq, dq), _conform(gk, dk), _conform(gv, dv)
+    if left < 0:
+        return _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq, dk, dv)
 
     # Key gradients sum over overlapping blocks: accumulate in float32 (float64 for float64).
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -523,10 +642,10 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
                 dq[:, :, i0:i1] = 0
                 continue
             mask = _additive(_block_visible(i0, i1, lo, hi, nq, nk, left, right, kpm, q.device), q.dtype)
-            gq, gk, gv = run(i0, i1, lo, hi, False, mask)
-            dq[:, :, i0:i1] = gq.reshape(b, hq, i1 - i0, d)
-            dk_acc[:, :, lo:hi] += gk.view(b, hkv, groups, hi - lo, d).sum(2) if groups > 1 else gk
-            dv_acc[:, :, lo:hi] += gv.view(b, hkv, groups, hi - lo, d).sum(2) if groups > 1 else gv
+            dq[:, :, i0:i1], gk, gv = _flash_bwd(do[:, :, i0:i1], q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi],
+                                                 o[:, :, i0:i1], lse[:, :, i0:i1], False, mask, scale)
+            dk_acc[:, :, lo:hi] += gk
+            dv_acc[:, :, lo:hi] += gv
     if interior is not None:
         bm, span, r0_all, nt_all = interior
         band = _band_additive(bm, span, left, right, q.dtype, q.device)

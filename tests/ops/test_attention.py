@@ -419,3 +419,36 @@ def test_plain_math_path_without_dropout(window):
     for got, want, name in ((o, ref, "o"), (lse, ref_lse, "lse"), (dq, qr.grad, "dq"), (dk, kr.grad, "dk"),
                             (dv, vr.grad, "dv")):
         assert_close(got, want, dtype=F64, name=name, scale=100)   # float64 sums of ~50 terms
+
+
+# ------------------------------------------------------------------------------ torch path: kernel-call variants
+
+@pytest.mark.parametrize("native", [True, False], ids=["native_gqa", "folded_gqa"])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (-1, 5)}, {"window": (6, 3)}], ids=str)
+def test_gqa_native_and_folded_torch(torch_path, monkeypatch, native, kw):
+    """Grouped-query attention through ATen's own GQA support (newer torch) and through the folded
+    fallback (stride-0 k, v heads, key gradients summed here): both against the reference."""
+    if native and not attn_mod._native_gqa():
+        pytest.skip(f"torch {torch.__version__}: ATen's CPU flash kernels have no grouped-query support")
+    monkeypatch.setattr(attn_mod, "_NATIVE_GQA", native)
+    for nq, nk in ((70, 90), (90, 70)):
+        q, k, v, do, kpm = _inputs(2, 6, 2, nq, nk, 16, pad="random")
+        _check(torch_path, q, k, v, do, torch.float32, key_padding_mask=kpm, **kw)
+        _check(torch_path, q, k, v, do, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("nq,nk", [(40, 100), (100, 40), (64, 64), (300, 520)])
+@pytest.mark.parametrize("right", [0, 3])
+def test_right_bounded_split_with_empty_parts_torch(torch_path, nq, nk, right):
+    """Causal / (-1, r) bands run as a plain part (keys every row sees) and a causal part merged by
+    log-sum-exp.  Padding that empties a whole part for some rows, or both parts (rows with no key
+    at all: zeros, zero gradients), must not leak into the merge."""
+    q, k, v, do, _ = _inputs(3, 2, 1, nq, nk, 16)
+    s = nk - nq + right
+    kpm = torch.zeros(3, nk, dtype=torch.bool)
+    kpm[0, :max(s, 0) + 3] = True          # batch 0: the plain part all padded, and the first causal keys
+    kpm[1, max(s, 0):] = True              # batch 1: the causal part all padded
+    kpm[2, ::2] = True
+    out, dq, dk, dv = _check(torch_path, q, k, v, do, torch.float32, window=(-1, right), key_padding_mask=kpm)
+    for t in (out, dq, dk, dv):
+        assert not torch.isnan(t).any()
