@@ -264,3 +264,15 @@ def test_torch_compile_fullgraph(torch_path):
     assert_close(out, expected, dtype=torch.float32)
     assert_close(gx, x.grad, dtype=torch.float32)
     assert_close(gb, b.grad, dtype=torch.float32)
+
+
+def test_bench_cases_run_on_cpu(torch_path):
+    from leedl_fast.bench.cases import bias_act as bench
+
+    cases = list(bench.cases("cpu", quick=True))
+    assert {c.mode for c in cases} == {"fwd", "fwd+bwd"}
+    for case in cases:
+        assert case.op == "bias_act" and case.bytes > 0 and set(case.peers) == {"torch"}
+        case.ours()
+        for peer in case.peers.values():
+            peer()
