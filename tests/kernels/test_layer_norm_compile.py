@@ -1,0 +1,80 @@
+"""Every shipped dropout_add_layer_norm configuration compiles for sm_80 and sm_90 without spilling.
+
+The configurations with every option on (residual, weight, bias, dropout, stored h / incoming h
+gradient) carry the most live registers; the all-off ones are the smallest.  Row widths from one
+small block to the 8192-wide forward and the looped backward, both Philox offset widths, fp16,
+bf16 and fp32.
+"""
+import pytest
+
+from tests.aot import KernelConfig, compile_many
+
+pytest.importorskip("triton")
+
+_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_MOD = "leedl_fast.kernels.layer_norm"
+_WIDTHS = (80, 1024, 4096, 8192)
+
+
+def _fwd(n_cols, dt, on, offs_64):
+    from leedl_fast.kernels.layer_norm import launch_config
+
+    cfg = launch_config(n_cols)
+    sig = {k: _DT[dt] for k in ("x_ptr", "res_ptr", "w_ptr", "b_ptr", "y_ptr", "h_ptr")}
+    sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", stride_xm="i32", stride_rm="i32", stride_ym="i32",
+               stride_hm="i32", n_cols="i32", eps="fp32", dropout_p="fp32", dropout_scale="fp32", seed="i64")
+    ce = {"BLOCK_C": cfg["BLOCK_C"], "HAS_RESIDUAL": on, "HAS_WEIGHT": on, "HAS_BIAS": on, "HAS_DROPOUT": on,
+          "STORE_H": on, "OFFS_64": offs_64}
+    sig.update({k: "constexpr" for k in ce})
+    return KernelConfig(_MOD, "_dropout_add_layer_norm_fwd_kernel", sig, ce, num_warps=cfg["num_warps"],
+                        label=f"fwd C={n_cols} {dt} options={'on' if on else 'off'} offs64={offs_64}")
+
+
+def _bwd(n_cols, dt, on, offs_64):
+    from leedl_fast.kernels.layer_norm import launch_config
+
+    cfg = launch_config(n_cols, backward=True)
+    sig = {k: _DT[dt] for k in ("dy_ptr", "dhin_ptr", "h_ptr", "w_ptr", "dx_ptr", "dres_ptr")}
+    sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", stride_dym="i32",
+               stride_dhm="i32", stride_hm="i32", stride_dxm="i32", stride_drm="i32", n_rows="i32", n_cols="i32",
+               rows_per_program="i32", dropout_p="fp32", dropout_scale="fp32", seed="i64")
+    ce = {"BLOCK_C": cfg["BLOCK_C"], "LOOPED": cfg["LOOPED"], "HAS_DH_IN": on, "HAS_RESIDUAL": on,
+          "HAS_WEIGHT": on, "HAS_BIAS": on, "HAS_DROPOUT": on, "OFFS_64": offs_64}
+    sig.update({k: "constexpr" for k in ce})
+    return KernelConfig(_MOD, "_dropout_add_layer_norm_bwd_kernel", sig, ce, num_warps=cfg["num_warps"],
+                        label=f"bwd C={n_cols} {dt} options={'on' if on else 'off'} offs64={offs_64}")
+
+
+def _configs():
+    # fp16 has bf16's register profile; it is compiled at two widths to keep this test short.
+    out = []
+    for n_cols in _WIDTHS:
+        for dt in ("fp32", "bf16") + (("fp16",) if n_cols in (1024, 8192) else ()):
+            out += [_fwd(n_cols, dt, True, False), _bwd(n_cols, dt, True, False)]
+    for n_cols in (80, 8192):  # every option off: the smallest variants
+        out += [_fwd(n_cols, "bf16", False, False), _bwd(n_cols, "bf16", False, False)]
+    out += [_fwd(8192, "bf16", True, True), _bwd(8192, "bf16", True, True)]  # int64 Philox offsets
+    return out
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return compile_many(_configs())
+
+
+def test_launch_table():
+    from leedl_fast.kernels.layer_norm import BWD_MAX_BLOCK, MAX_COLS, launch_config
+
+    assert launch_config(MAX_COLS)["BLOCK_C"] == MAX_COLS
+    big = launch_config(MAX_COLS, backward=True)
+    assert big["LOOPED"] and big["BLOCK_C"] <= BWD_MAX_BLOCK
+    assert not launch_config(BWD_MAX_BLOCK, backward=True)["LOOPED"]
+    assert launch_config(257)["BLOCK_C"] == 512
+
+
+def test_compiles_without_spills(reports):
+    assert len(reports) == 2 * len(_configs())
+    for r in reports:
+        assert r.ok, str(r)
+        assert r.local_ld_st == 0, f"register spills: {r}"
+        assert 0 < r.registers <= 255, str(r)
