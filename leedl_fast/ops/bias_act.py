@@ -155,11 +155,9 @@ def _bias_act_dropout_backward_torch(dy: torch.Tensor, x: torch.Tensor, bias: Op
         dx = dx.clone()
     if bias is None:
         return dx, x.new_empty((0,))
-    dbias = dz.sum(dim=tuple(range(dz.dim() - 1))) if dz.dim() > 1 else dz  # sum(dim=()) would sum all
-    dbias = dbias.to(bias.dtype)
-    if dbias.data_ptr() == dy.data_ptr() and dbias.numel() > 0:
-        dbias = dbias.clone()
-    return dx, dbias
+    if dz.dim() == 1:  # no leading dims (sum(dim=()) would sum everything); a copy, so as not to alias dx
+        return dx, dz.to(bias.dtype, copy=True)
+    return dx, dz.sum(dim=tuple(range(dz.dim() - 1))).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton path and custom ops

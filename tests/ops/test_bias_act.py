@@ -276,3 +276,16 @@ def test_bench_cases_run_on_cpu(torch_path):
         case.ours()
         for peer in case.peers.values():
             peer()
+
+
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+def test_one_dimensional_input(any_path, activation):
+    """x of shape (C,): no leading dims, dbias = dx (separate tensors)."""
+    x = torch.randn(17, dtype=torch.float64)
+    b = torch.randn(17, dtype=torch.float64)
+    dy = torch.randn(17, dtype=torch.float64)
+    got = _run(bias_act_dropout, x.float(), b.float(), dy.float(), any_path, activation, 0.3)
+    _check(got, _reference(x, b, dy, activation, 0.3), torch.float32, 1)
+    dx, db = torch.ops.leedl_fast.bias_act_dropout_bwd(dy.float().to(any_path), x.float().to(any_path),
+                                                       b.float().to(any_path), None, activation, 0.0)
+    assert torch.equal(dx, db) and dx.data_ptr() != db.data_ptr()
