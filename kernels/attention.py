@@ -292,7 +292,7 @@ def _attention_bwd_dkdv_inner(
     qk_scale, rng_head, dropout_p, seed,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
     for it in range(0, n_iter):
@@ -303,10 +303,8 @@ def _attention_bwd_dkdv_inner(
         if MASKED:
             # Rows past seq_q: lse2 = +inf makes their p exactly 0.
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
-            delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)          # [BLOCK_M]
         else:
             lse2 = tl.load(lse2_base + offs_m)                                      # [BLOCK_M]
-            delta = tl.load(delta_base + offs_m)                                    # [BLOCK_M]
         s_t = tl.dot(k, tl.trans(q))                                                # [BLOCK_N, BLOCK_M]
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])                               # [BLOCK_N, BLOCK_M]
         if MASKED:
@@ -320,18 +318,59 @@ def _attention_bwd_dkdv_inner(
             p_t = tl.where(visible, p_t, 0.0)                                       # [BLOCK_N, BLOCK_M]
         elif HAS_KPM:
             p_t = tl.where(pad_ok[:, None], p_t, 0.0)                               # [BLOCK_N, BLOCK_M]
-        dp_t = tl.dot(v, tl.trans(do))                                              # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             inv_keep = 1.0 / (1.0 - dropout_p)
             r = tl.rand(seed, (rng_head + offs_m.to(tl.int64) * seq_k)[None, :] + offs_n[:, None])  # [BLOCK_N, BLOCK_M]
             keep = r >= dropout_p
-            dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv)  # [BLOCK_N, BLOCK_D]
-            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)                             # [BLOCK_N, BLOCK_M]
-        else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv)                                   # [BLOCK_N, BLOCK_D]
-        ds_t = p_t * (dp_t - delta[None, :])                                        # [BLOCK_N, BLOCK_M]
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)                                        # [BLOCK_N, BLOCK_D]
+        if DO_DV:
+            if DROPOUT:
+                dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv)  # [BLOCK_N, BLOCK_D]
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv)                               # [BLOCK_N, BLOCK_D]
+        if DO_DK:
+            if MASKED:
+                delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
+            else:
+                delta = tl.load(delta_base + offs_m)                                # [BLOCK_M]
+            dp_t = tl.dot(v, tl.trans(do))                                          # [BLOCK_N, BLOCK_M]
+            if DROPOUT:
+                dp_t = tl.where(keep, dp_t * inv_keep, 0.0)                         # [BLOCK_N, BLOCK_M]
+            ds_t = p_t * (dp_t - delta[None, :])                                    # [BLOCK_N, BLOCK_M]
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)                                    # [BLOCK_N, BLOCK_D]
         n_visited += 1
+    return dk, dv, n_visited
+
+
+@triton.jit
+def _attention_bwd_dkdv_heads(
+    dk, dv, k, v, pad_ok, hk, b64,
+    q_ptr, do_ptr, lse2_ptr, delta_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+    offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+    n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+):
+    """dK and/or dV of one key block over the query heads of its group: the band's edge blocks
+    (masked), then its interior (unmasked)."""
+    n_visited = 0
+    for g in range(0, group):
+        h = hk * group + g
+        h64 = h.to(tl.int64)
+        q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
+        do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
+        row = (b64 * n_heads + h64) * seq_q
+        rng_head = row * seq_k
+        dk, dv, n_visited = _attention_bwd_dkdv_inner(
+            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
+            offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, DO_DK, DO_DV)
+        dk, dv, n_visited = _attention_bwd_dkdv_inner(
+            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
+            offs_n, offs_d, full_lo, n_full, full_lo, n_full, seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, DO_DK, DO_DV)
     return dk, dv, n_visited
 
 
@@ -349,7 +388,7 @@ def _attention_bwd_dkdv_kernel(
     qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-    COUNT_BLOCKS: tl.constexpr,
+    COUNT_BLOCKS: tl.constexpr, SPLIT_DKDV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -360,8 +399,6 @@ def _attention_bwd_dkdv_kernel(
     offs_n = start_n + offs_n0                                                      # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
     k = _load_tile(k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh, start_n, offs_n0, seq_k, stride_kn, offs_d,
-                   True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
-    v = _load_tile(v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh, start_n, offs_n0, seq_k, stride_vn, offs_d,
                    True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
     if HAS_KPM:
         pad = tl.load(kpm_ptr + b64 * stride_kpmb + offs_n, mask=offs_n < seq_k, other=1)  # [BLOCK_N]
@@ -384,35 +421,45 @@ def _attention_bwd_dkdv_kernel(
         hi = tl.minimum(tl.maximum(key_last + window_left - shift + 1, 0), seq_q)
         full_hi = tl.minimum(full_hi, (tl.maximum(start_n + window_left - shift + 1, 0) // BLOCK_M) * BLOCK_M)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                   # [BLOCK_N, BLOCK_D]
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                   # [BLOCK_N, BLOCK_D]
     n_lead = (tl.maximum(tl.minimum(full_lo, hi) - lo, 0) + BLOCK_M - 1) // BLOCK_M
     tail = tl.maximum(full_lo, full_hi)
     n_edge = n_lead + (tl.maximum(hi - tail, 0) + BLOCK_M - 1) // BLOCK_M
     n_full = tl.maximum(full_hi - full_lo, 0) // BLOCK_M
-    n_visited = 0
-    for g in range(0, group):
-        h = hk * group + g
-        h64 = h.to(tl.int64)
-        q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
-        do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
-        row = (b64 * n_heads + h64) * seq_q
-        rng_head = row * seq_k
-        dk, dv, n_visited = _attention_bwd_dkdv_inner(
-            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
-            qk_scale, rng_head, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
-        dk, dv, n_visited = _attention_bwd_dkdv_inner(
-            dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, full_lo, n_full, full_lo, n_full, seq_q, seq_k, shift, window_left, window_right,
-            qk_scale, rng_head, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
-
     dk_base = dk_ptr + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = dv_ptr + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
+    v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    zero = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                                 # [BLOCK_N, BLOCK_D]
+    if SPLIT_DKDV:
+        unused = tl.zeros([1, 1], tl.float32)  # stands in for the accumulator a pass does not compute
+        # Two passes over the band, dV then dK, each with one [BLOCK_N, BLOCK_D] fp32
+        # accumulator instead of two: at head dim 256 the pair (2 x 64 x 256 fp32 over 256
+        # threads = 128 registers) with the K, V and dot-operand tiles spilled.  The dV pass
+        # recomputes S (one extra Q K^T product per block pair); its block count is not added
+        # again, so the counts stay those of one pass.
+        _, dv, _ = _attention_bwd_dkdv_heads(
+            unused, zero, k, k, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
+            stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+            offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, False, True)
+        _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        dk, _, n_visited = _attention_bwd_dkdv_heads(
+            zero, unused, k, v, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
+            stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+            offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, False)
+    else:
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        dk, dv, n_visited = _attention_bwd_dkdv_heads(
+            zero, zero, k, v, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
+            stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+            offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, True)
+        _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dk_base, (dk * sm_scale).to(dk_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dkn, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
         n_kv_heads = tl.num_programs(1)
         tl.store(count_ptr + (b64 * n_kv_heads + hk) * tl.num_programs(0) + pid_n, n_visited)
@@ -539,19 +586,29 @@ def _attention_bwd_dq_kernel(
 # register spills in the variant with the most live state (band, key padding and dropout:
 # Philox needs ~6 live words per element of the [BLOCK_M, BLOCK_N] tile), and with BLOCK_M
 # (forward, dQ) or BLOCK_N (dK/dV) >= 64 so that fp16/bf16 products use HGMMA on sm_90.
+# Compiled with the launcher's specialization for aligned inputs (16-byte aligned pointers,
+# strides multiples of 16), which vectorises the loads; see test_attention_compile.py.
+# Head dim 256: the largest spill-free tiles found in a sweep of BLOCK_M, BLOCK_N in 16..128,
+# 4/8 warps, 1-3 stages (sm_90 forward 128 x 32 at 244 registers, dQ 128 x 32 at 255; dK/dV
+# 16 x 64 in two passes, see _SPLIT_DKDV).  On sm_80 the tiles also keep shared memory under
+# the ~99 KB per block of the sm_86/sm_89 parts this entry serves as well (64 x 64 forward
+# tiles compile spill-free but take 104 KB).  dK/dV on sm_80 at head dim 128: BLOCK_M 32
+# (FlashAttention-2 steps over 64 query rows there; 64 spills with triton 3.6); at 64 and
+# 256 BLOCK_M 32 spilled, so 16 stays.  dK/dV on sm_90 at 128: 32 x 64 spilled once the loads
+# were vectorised; 16 x 128 does not.
 # tests/kernels/test_attention_compile.py compiles every entry for its target.
 _CONFIGS = {
     "_attention_fwd_kernel": {
-        (64, "sm80"): (128, 64, 8, 3), (128, "sm80"): (128, 32, 8, 3), (256, "sm80"): (64, 16, 8, 2),
-        (64, "sm90"): (128, 64, 8, 3), (128, "sm90"): (128, 64, 8, 3), (256, "sm90"): (64, 16, 8, 2),
+        (64, "sm80"): (128, 64, 8, 3), (128, "sm80"): (128, 32, 8, 3), (256, "sm80"): (64, 32, 8, 2),
+        (64, "sm90"): (128, 64, 8, 3), (128, "sm90"): (128, 64, 8, 3), (256, "sm90"): (128, 32, 8, 2),
     },
     "_attention_bwd_dkdv_kernel": {
-        (64, "sm80"): (16, 64, 8, 2), (128, "sm80"): (16, 64, 8, 1), (256, "sm80"): (16, 64, 8, 1),
-        (64, "sm90"): (32, 128, 8, 2), (128, "sm90"): (32, 64, 8, 2), (256, "sm90"): (16, 64, 8, 1),
+        (64, "sm80"): (16, 64, 8, 2), (128, "sm80"): (32, 64, 8, 2), (256, "sm80"): (16, 32, 8, 1),
+        (64, "sm90"): (32, 128, 8, 2), (128, "sm90"): (16, 128, 8, 1), (256, "sm90"): (16, 64, 8, 2),
     },
     "_attention_bwd_dq_kernel": {
         (64, "sm80"): (128, 32, 8, 2), (128, "sm80"): (64, 32, 8, 2), (256, "sm80"): (64, 16, 8, 2),
-        (64, "sm90"): (128, 32, 8, 2), (128, "sm90"): (64, 16, 8, 2), (256, "sm90"): (64, 16, 8, 1),
+        (64, "sm90"): (128, 32, 8, 2), (128, "sm90"): (64, 16, 8, 2), (256, "sm90"): (128, 32, 8, 2),
     },
 }
 # Where dropout's Philox state does not fit the main configuration's registers, a smaller
@@ -564,6 +621,12 @@ _CONFIGS_FP32 = {
     "_attention_bwd_dkdv_kernel": (16, 16, 8, 2),
     "_attention_bwd_dq_kernel": (32, 16, 8, 2),
 }
+# (head-dim group, arch) where the dK/dV kernel accumulates dV and dK in two passes over the
+# band (SPLIT_DKDV) for fp16/bf16: on sm_90 at head dim 256 the two [BLOCK_N, 256] fp32
+# accumulators of one pass spilled at every tile that keeps HGMMA (BLOCK_N >= 64 at 8 warps);
+# on sm_80 a one-pass tile with BLOCK_N = 32 fits and needs no recomputation.  fp32 uses a
+# tile small enough for one pass everywhere.
+_SPLIT_DKDV = {(256, "sm90")}
 # Under the interpreter one fixed configuration, unequal blocks so that the band arithmetic
 # is exercised with BLOCK_M != BLOCK_N: (BLOCK_M, BLOCK_N).
 _INTERP = {"_attention_fwd_kernel": (64, 32), "_attention_bwd_dkdv_kernel": (32, 64),
@@ -583,27 +646,44 @@ def _arch(device_index: int) -> str:
     return "sm90" if torch.cuda.get_device_capability(device_index)[0] >= 9 else "sm80"
 
 
+def _split_dkdv(t: torch.Tensor, block_d: int) -> bool:
+    """Whether the dK/dV kernel runs its two passes (SPLIT_DKDV): 16-bit inputs in a
+    (head-dim group, arch) of _SPLIT_DKDV; under the interpreter 16-bit inputs in any head-dim
+    group listed there, so that the interpreter tests exercise the path."""
+    if t.dtype == torch.float32:
+        return False
+    group = _head_dim_group(block_d)
+    if not t.is_cuda:
+        return any(g == group for g, _ in _SPLIT_DKDV)
+    return (group, _arch(t.device.index or 0)) in _SPLIT_DKDV
+
+
 def _config(kernel: str, t: torch.Tensor, block_d: int, blocks, dropout: bool) -> dict:
-    """Launch meta-parameters of ``kernel`` for inputs like ``t``."""
+    """Launch meta-parameters of ``kernel`` for inputs like ``t``.  ``blocks`` (tests only):
+    (BLOCK_M, BLOCK_N), or for the dK/dV kernel optionally (BLOCK_M, BLOCK_N, SPLIT_DKDV)."""
+    split = {"SPLIT_DKDV": _split_dkdv(t, block_d)} if kernel == "_attention_bwd_dkdv_kernel" else {}
     if blocks is not None:
-        return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}
+        if len(blocks) == 3:
+            split = {"SPLIT_DKDV": blocks[2]}
+        return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], **split}
     if not t.is_cuda:
         bm, bn = _INTERP[kernel]
-        return {"BLOCK_M": bm, "BLOCK_N": bn}
+        return {"BLOCK_M": bm, "BLOCK_N": bn, **split}
     if t.dtype == torch.float32:
         bm, bn, w, s = _CONFIGS_FP32[kernel]
     else:
         group, arch = _head_dim_group(block_d), _arch(t.device.index or 0)
         cfg = _CONFIGS_DROPOUT.get((kernel, group, arch)) if dropout else None
         bm, bn, w, s = cfg or _CONFIGS[kernel][(group, arch)]
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **split}
 
 
 def launch_configs() -> list[dict]:
     """Every shipped GPU configuration, one dict per entry: kernel, arch ("sm80"/"sm90"),
     block_d (the largest padded head dim it serves), dtype ("16" = fp16/bf16, "32" = fp32),
     BLOCK_M, BLOCK_N, num_warps, num_stages, dropout ("any": every call; "no": calls without
-    dropout; "yes": calls with dropout)."""
+    dropout; "yes": calls with dropout), split_dkdv (the dK/dV kernel's SPLIT_DKDV; False for
+    the other kernels)."""
     out = []
     for kernel, table in _CONFIGS.items():
         for (block_d, arch), (bm, bn, w, s) in table.items():
@@ -622,6 +702,9 @@ def launch_configs() -> list[dict]:
             out.append({"kernel": "_attention_bwd_preprocess_kernel", "arch": arch, "block_d": block_d,
                         "dtype": "16", "BLOCK_M": _pre_block_m(block_d), "BLOCK_N": 0, "num_warps": 4,
                         "num_stages": 1, "dropout": "any"})
+    for c in out:
+        c["split_dkdv"] = (c["kernel"] == "_attention_bwd_dkdv_kernel" and c["dtype"] == "16"
+                           and (c["block_d"], c["arch"]) in _SPLIT_DKDV)
     return out
 
 

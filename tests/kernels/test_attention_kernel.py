@@ -183,11 +183,24 @@ def test_non_contiguous(triton_path, layout):
     _check(triton_path, torch.float32, 2, 2, 1, 33, 47, 40, 5, 0, "random", 0.1, layout=layout)
 
 
-@pytest.mark.parametrize("blocks", [((64, 32), (32, 64), (64, 32)), ((16, 64), (64, 16), (16, 64))],
-                         ids=["large", "tall-wide"])
+@pytest.mark.parametrize("blocks", [((64, 32), (32, 64), (64, 32)), ((16, 64), (64, 16), (16, 64)),
+                                    ((64, 32), (32, 64, True), (64, 32))],
+                         ids=["large", "tall-wide", "split-dkdv"])
 def test_other_tiles(triton_path, blocks):
-    """Other (BLOCK_M, BLOCK_N) pairs (forward; dK/dV; dQ) give the same function."""
+    """Other (BLOCK_M, BLOCK_N) pairs (forward; dK/dV; dQ) give the same function, and so does
+    the dK/dV kernel's two-pass mode (SPLIT_DKDV) forced at a small head dim."""
     _check(triton_path, torch.float32, 1, 2, 1, 70, 50, 16, 20, 3, "random", 0.1, blocks=blocks)
+
+
+@pytest.mark.parametrize("D,left,right,kpm,p", [(160, 9, 2, "random", 0.2), (256, -1, 0, None, 0.0)])
+def test_head_dim_256_group(triton_path, D, left, right, kpm, p):
+    """Head dims 129..256 in fp16: the configuration the GPU uses there, dK/dV in two passes
+    (SPLIT_DKDV, chosen by the launcher as on the GPU), grouped query heads."""
+    from leedl_fast.kernels import attention as A
+
+    q = torch.empty(1, 1, 1, D, dtype=torch.float16, device=triton_path)
+    assert A._config("_attention_bwd_dkdv_kernel", q, 256, None, p > 0)["SPLIT_DKDV"]
+    _check(triton_path, torch.float16, 1, 4, 2, 33, 47, D, left, right, kpm, p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,10 +220,12 @@ def _blocks_touching_band(Nq, Nk, left, right, bm, bn, transpose=False):
     return out
 
 
-@pytest.mark.parametrize("Nq,Nk,left,right", [
-    (100, 100, 16, 16), (90, 90, 20, 0), (60, 100, -1, 0), (100, 50, 0, -1), (64, 64, 0, 0),
+@pytest.mark.parametrize("Nq,Nk,left,right,split", [
+    (100, 100, 16, 16, False), (90, 90, 20, 0, False), (60, 100, -1, 0, False), (100, 50, 0, -1, False),
+    (64, 64, 0, 0, False), (90, 90, 20, 0, True),
 ])
-def test_visited_blocks_are_the_band(triton_path, Nq, Nk, left, right):
+def test_visited_blocks_are_the_band(triton_path, Nq, Nk, left, right, split):
+    """split: the dK/dV kernel in two passes; its count is that of one pass."""
     from leedl_fast.kernels.attention import attention_bwd, attention_fwd
 
     B, Hq, Hkv, D = 1, 2, 1, 16
@@ -218,13 +233,13 @@ def test_visited_blocks_are_the_band(triton_path, Nq, Nk, left, right):
     k = torch.randn(B, Hkv, Nk, D, device=triton_path)
     v = torch.randn(B, Hkv, Nk, D, device=triton_path)
     kw = dict(scale=0.25, left=left, right=right, key_padding_mask=None, dropout_p=0.0, seed=0)
-    fb, b1, b2 = (32, 16), (16, 32), (32, 16)
+    fb, b1, b2 = (32, 16), (16, 32, split), (32, 16)
     o, lse, cnt = attention_fwd(q, k, v, count_blocks=True, _blocks=fb, **kw)
     _, _, _, cnt_dq, cnt_dkdv = attention_bwd(torch.randn_like(o), q, k, v, o, lse, count_blocks=True,
                                               _blocks=(b1, b2), **kw)
     want_fwd = _blocks_touching_band(Nq, Nk, left, right, *fb)
     want_dq = _blocks_touching_band(Nq, Nk, left, right, *b2)
-    want_dkdv = _blocks_touching_band(Nq, Nk, left, right, *b1, transpose=True) * (Hq // Hkv)
+    want_dkdv = _blocks_touching_band(Nq, Nk, left, right, *b1[:2], transpose=True) * (Hq // Hkv)
     assert torch.equal(cnt.cpu(), want_fwd.expand(B, Hq, -1)), (cnt, want_fwd)
     assert torch.equal(cnt_dq.cpu(), want_dq.expand(B, Hq, -1)), (cnt_dq, want_dq)
     assert torch.equal(cnt_dkdv.cpu(), want_dkdv.expand(B, Hkv, -1)), (cnt_dkdv, want_dkdv)
