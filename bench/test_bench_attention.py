@@ -3,7 +3,13 @@
 pytest-benchmark groups pair each case of ours with SDPA on the same inputs in the same run
 (``pytest bench --benchmark-only``).  The issue's CPU requirements are asserted here:
 
-* dense: ours <= 1.2x SDPA's time, forward and forward+backward (read the groups' means);
+* dense, causal (Nq == Nk, and Nq != Nk bottom-right aligned), key padding, GQA: ours <= 1.2x
+  SDPA's forward+backward time.  The groups ``attention fwd+bwd ...`` show both; the assertion is in
+  ``test_fwd_bwd_ratio_vs_sdpa``, which alternates ours and SDPA call by call and takes the median
+  of the per-pair ratios (a shared 2-core machine swings single timings by 30%; adjacent calls
+  share the load);
+* dropout (recorded, not asserted): the torch path reproduces the kernel's Philox mask exactly,
+  which in eager tensor ops costs far more than SDPA's own dropout mask (see ops/attention.py);
 * banded, B=1, H=4, D=64, N=8192, window (128, 128), fp32, forward+backward, against SDPA with
   the equivalent (N, N) boolean mask built in the call: >= 10x faster and >= 20x less peak
   working memory (peak minus the 32 MiB of o, dq, dk, dv that both must return; the total
@@ -22,9 +28,13 @@ import pathlib
 import subprocess
 import sys
 
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from leedl_fast.bench.cases.attention import band_mask
 from leedl_fast.ops import attention
@@ -60,25 +70,83 @@ def test_dense_fwd(benchmark, impl, causal):
     assert torch.allclose(out, _sdpa(q, k, v, is_causal=causal), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["dense", "causal", "padding", "gqa"])
+FWD_BWD_CASES = ["dense", "causal", "causal_cross", "padding", "gqa", "gqa_padding"]
+
+
+def _fwd_bwd_pair(case):
+    """(ours, sdpa, do, leaves) for B=2, Hq=8, D=64, fp32: N=1024, or Nq=512 x Nk=1024 for
+    causal_cross (bottom-right causal; SDPA gets it as ``causal_lower_right``); GQA has Hkv=2 (SDPA
+    with enable_gqa); key padding masks 20% of the keys (SDPA with the boolean keep mask)."""
+    gqa = case.startswith("gqa")
+    g = torch.Generator().manual_seed(0)
+    nq = 512 if case == "causal_cross" else 1024
+    q = torch.randn(2, 8, nq, 64, generator=g).requires_grad_()
+    k = torch.randn(2, 2 if gqa else 8, 1024, 64, generator=g).requires_grad_()
+    v = torch.randn(2, 2 if gqa else 8, 1024, 64, generator=g).requires_grad_()
+    do = torch.randn(2, 8, nq, 64, generator=g)
+    kpm = (torch.rand(2, 1024, generator=g) < 0.2) if case.endswith("padding") else None
+    causal = case in ("causal", "causal_cross")
+    ours = lambda: attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    mask = None
+    if kpm is not None:
+        mask = ~kpm[:, None, None, :]
+    elif case == "causal_cross":
+        mask = causal_lower_right(nq, 1024)
+    sdpa = lambda: _sdpa(q, k, v, is_causal=case == "causal", enable_gqa=gqa, attn_mask=mask)
+    return ours, sdpa, do, (q, k, v)
+
+
+def _step(fn, do, leaves):
+    fn().backward(do)
+    for t in leaves:
+        t.grad = None
+
+
+@pytest.mark.parametrize("case", FWD_BWD_CASES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dense_fwd_bwd(benchmark, impl, case):
+    ours, sdpa, do, leaves = _fwd_bwd_pair(case)
     benchmark.group = f"attention fwd+bwd B2 H8 N1024 D64 {case}"
-    q, k, v, do = _inputs(2, 8, 1024, 64, hkv=2 if case == "gqa" else None)
-    kpm = torch.rand(2, 1024, generator=torch.Generator().manual_seed(1)) < 0.2
-    if impl == "leedl_fast":
-        kw = {"causal": case == "causal", "key_padding_mask": kpm if case == "padding" else None}
-        fn = lambda: attention(q, k, v, **kw)
-    else:
-        kw = {"is_causal": case == "causal", "enable_gqa": case == "gqa",
-              "attn_mask": ~kpm[:, None, None, :] if case == "padding" else None}
-        fn = lambda: _sdpa(q, k, v, **kw)
+    fn = ours if impl == "leedl_fast" else sdpa
+    benchmark.pedantic(lambda: _step(fn, do, leaves), rounds=10, warmup_rounds=2)
 
-    def step():
-        fn().backward(do)
-        q.grad = k.grad = v.grad = None
 
-    benchmark(step)
+@pytest.mark.parametrize("case", FWD_BWD_CASES)
+def test_fwd_bwd_ratio_vs_sdpa(benchmark, case):
+    """The issue's CPU requirement: forward + backward of the torch path <= 1.2x SDPA's, same inputs.
+    Ours and SDPA alternate (which goes first alternates too); the median of 12 per-pair ratios."""
+    ours, sdpa, do, leaves = _fwd_bwd_pair(case)
+    for _ in range(2):
+        _step(ours, do, leaves)
+        _step(sdpa, do, leaves)
+    ratios, t_ours, t_sdpa = [], [], []
+    for r in range(12):
+        times = {}
+        for name, fn in ((("ours", ours), ("sdpa", sdpa)) if r % 2 == 0 else (("sdpa", sdpa), ("ours", ours))):
+            t0 = time.perf_counter()
+            _step(fn, do, leaves)
+            times[name] = time.perf_counter() - t0
+        ratios.append(times["ours"] / times["sdpa"])
+        t_ours.append(times["ours"])
+        t_sdpa.append(times["sdpa"])
+    ratio = statistics.median(ratios)
+    benchmark.group = "attention fwd+bwd ratio ours / sdpa (median of alternating pairs)"
+    benchmark.extra_info.update(case=case, ratio=ratio, ratios=ratios, ours_s=t_ours, sdpa_s=t_sdpa,
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(lambda: _step(ours, do, leaves), rounds=1, warmup_rounds=0)
+    print(f"\n{case}: ours / sdpa = {ratio:.2f} (median of 12 pairs; ours {statistics.median(t_ours) * 1e3:.0f} ms, "
+          f"sdpa {statistics.median(t_sdpa) * 1e3:.0f} ms)")
+    assert ratio <= 1.2, f"{case}: ours / sdpa = {ratio:.2f} > 1.2 (pairs: {[round(x, 2) for x in ratios]})"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_fwd_bwd(benchmark, impl):
+    """Recorded, not asserted: exact Philox masks in eager tensor ops vs SDPA's own dropout mask."""
+    benchmark.group = "attention fwd+bwd B1 H4 N512 D64 dropout 0.1"
+    q, k, v, do = _inputs(1, 4, 512, 64)
+    fn = (lambda: attention(q, k, v, dropout_p=0.1, seed=1)) if impl == "leedl_fast" else \
+        (lambda: _sdpa(q, k, v, dropout_p=0.1))
+    benchmark.pedantic(lambda: _step(fn, do, (q, k, v)), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("impl", ["leedl_fast", "sdpa_bool_mask"])

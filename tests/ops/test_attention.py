@@ -184,14 +184,22 @@ def test_lse_and_empty_rows(torch_path):
             assert not torch.isnan(t).any()
 
 
-def test_deterministic_torch(torch_path):
-    q, k, v, do, kpm = _inputs(2, 2, 1, 70, 90, 32, pad="random")
+@pytest.mark.parametrize("kw", [{"window": (10, 20), "dropout_p": 0.2, "seed": 5}, {"causal": True}, {}], ids=str)
+def test_deterministic_torch(torch_path, kw):
+    """Bit-identical reruns: the dropout path, the causal split (Nq < Nk) and grouped-query
+    attention in ATen's kernels (key gradients summed over the group inside them), two threads."""
+    q, k, v, do, kpm = _inputs(2, 4, 1, 70, 90, 32, pad="random")
     runs = []
-    for _ in range(2):
-        qa, ka, va = (t.float().requires_grad_() for t in (q, k, v))
-        o = attention(qa, ka, va, window=(10, 20), key_padding_mask=kpm, dropout_p=0.2, seed=5)
-        o.backward(do.float())
-        runs.append((o, qa.grad, ka.grad, va.grad))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(2):
+            qa, ka, va = (t.float().requires_grad_() for t in (q, k, v))
+            o = attention(qa, ka, va, key_padding_mask=kpm, **kw)
+            o.backward(do.float())
+            runs.append((o, qa.grad, ka.grad, va.grad))
+    finally:
+        torch.set_num_threads(n)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
