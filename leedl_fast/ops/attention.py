@@ -218,7 +218,7 @@ def _dropout_keep(seed: int, b0: int, hq: int, nq: int, nk: int, shape_bh, rows:
 # Philox constants minus 2**32: negative, |a| < 2**31, so c * a is exact in int64 for any 32-bit c.
 _ROUND_A_NEG = _ROUND_A - (1 << 32)
 _ROUND_B_NEG = _ROUND_B - (1 << 32)
-_KEEP_CHUNK = 1 << 15      # offsets per pass: the round's temporaries stay in cache (and one thread)
+_KEEP_CHUNK = 1 << 16      # offsets per pass and thread: the round's temporaries stay in cache
 
 
 @functools.lru_cache(maxsize=64)
@@ -254,7 +254,7 @@ def _philox_keep(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
     flat = offsets.reshape(-1)
     out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     k0_seed, k1_seed = seed & _MASK32, (seed >> 32) & _MASK32
-    chunk = _KEEP_CHUNK if flat.device.type == "cpu" else max(1, flat.numel())
+    chunk = _KEEP_CHUNK * max(1, torch.get_num_threads()) if flat.device.type == "cpu" else max(1, flat.numel())
     for s in range(0, flat.numel(), chunk):
         off = flat[s:s + chunk]
         k0, k1 = k0_seed, k1_seed
