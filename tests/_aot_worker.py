@@ -23,7 +23,8 @@ def _one(cfg: dict, cc: int) -> dict:
     rep = {"label": label, "cc": cc, "ok": False}
     try:
         fn = getattr(importlib.import_module(cfg["module"]), cfg["kernel"])
-        src = ASTSource(fn=fn, signature=cfg["signature"], constexprs=cfg["constexprs"])
+        attrs = {(fn.arg_names.index(name),): a for name, a in cfg.get("attrs", {}).items()}
+        src = ASTSource(fn=fn, signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     except Exception as exc:  # the report carries the compiler's message

@@ -34,9 +34,14 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    # argument name -> attributes, as Triton's launcher specializes them at run time, e.g.
+    # {"q_ptr": [["tt.divisibility", 16]]} for a 16-byte aligned pointer or a stride that is a
+    # multiple of 16; without it every argument compiles as if it had no such property.
+    attrs: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("module", "kernel", "signature", "constexprs", "num_warps", "num_stages", "label")}
+        return {k: getattr(self, k) for k in ("module", "kernel", "signature", "constexprs", "num_warps", "num_stages",
+                                              "label", "attrs")}
 
 
 @dataclass

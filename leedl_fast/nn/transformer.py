@@ -49,6 +49,8 @@ from .. import backend
 from ..ops.attention import MAX_HEAD_DIM as _OP_MAX_HEAD_DIM
 from ..ops.attention import MIN_HEAD_DIM as _OP_MIN_HEAD_DIM
 from ..ops.attention import attention as _attention_op
+from ..ops.bias_act import bias_act_dropout
+from ..ops.layer_norm import dropout_add_layer_norm
 from .multihead_attention import MultiheadAttention
 
 __all__ = [
@@ -287,7 +289,61 @@ def _cross_attention(mha, x, memory, *, batch_first, causal, mask, kpm, training
     return F.linear(_from_heads(o, batch_first), mha.out_proj.weight, mha.out_proj.bias)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Fused elementwise work on the kernel path
+#
+# torch runs linear1's bias, the activation and dropout, and later dropout, the residual add and layer norm, as
+# separate kernels, each a pass over memory, and stores the dropout masks.  On the Triton path the layers run
+# linear1 without its bias and then one ``bias_act_dropout`` kernel, and one ``dropout_add_layer_norm`` kernel
+# per residual connection; both regenerate their dropout masks from Philox in the backward.  On the PyTorch path
+# (CPU) the layers keep torch's own ops, which are fastest there.
+# ----------------------------------------------------------------------------------------------------------------
+
+_FUSED_ACTIVATIONS = {F.relu: "relu", F.gelu: "gelu"}
+
+
+def _fused(x: Tensor, *params: Tensor | None) -> bool:
+    """The kernel path, for activations and parameters of one dtype (under autocast torch's ops decide)."""
+    return (x.dtype != torch.float64 and not torch.is_autocast_enabled(x.device.type)
+            and all(p is None or p.dtype == x.dtype for p in params) and backend.select("layer_norm", x) == "triton")
+
+
+def _p(dropout: nn.Module) -> float:
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _fusable_norm(norm, d_model: int) -> bool:
+    return (type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (d_model,)
+            and type(norm.eps) is float)
+
+
+def _add_norm(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module) -> Tensor:
+    """Post-norm residual connection: ``norm(x + dropout(y))``."""
+    if (type(dropout) is nn.Dropout and _fusable_norm(norm, x.shape[-1]) and y.dtype == x.dtype
+            and _fused(x, norm.weight, norm.bias)):
+        return dropout_add_layer_norm(y, x, norm.weight, norm.bias, eps=norm.eps, dropout_p=_p(dropout))
+    return norm(x + dropout(y))
+
+
+def _add_then_norm(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module | None) -> tuple[Tensor, Tensor | None]:
+    """Pre-norm residual connection: ``h = x + dropout(y)`` and the next block's input ``norm(h)`` (None when
+    no block follows)."""
+    if (norm is not None and type(dropout) is nn.Dropout and _fusable_norm(norm, x.shape[-1]) and y.dtype == x.dtype
+            and _fused(x, norm.weight, norm.bias)):
+        y_norm, h = dropout_add_layer_norm(y, x, norm.weight, norm.bias, eps=norm.eps, dropout_p=_p(dropout),
+                                           return_residual=True)
+        return h, y_norm
+    h = x + dropout(y)
+    return h, (None if norm is None else norm(h))
+
+
 def _feed_forward(layer, x: Tensor) -> Tensor:
+    """``linear2(dropout(activation(linear1(x))))``."""
+    act = _FUSED_ACTIVATIONS.get(layer.activation)
+    if act is not None and type(layer.dropout) is nn.Dropout and _fused(x, layer.linear1.weight, layer.linear1.bias):
+        y = F.linear(x, layer.linear1.weight)
+        y = bias_act_dropout(y, layer.linear1.bias, activation=act, dropout_p=_p(layer.dropout))
+        return layer.linear2(y)
     y = layer.linear1(x)
     # linear1's backward needs its input, not its output, so ReLU may overwrite it (one buffer fewer).
     y = F.relu(y, inplace=True) if layer.activation is F.relu else layer.activation(y)
@@ -347,17 +403,17 @@ class TransformerEncoderLayer(nn.Module):
         kpm = _check_padding("src_key_padding_mask", src_key_padding_mask, batch, n, unbatched)
         causal, mask = _resolve_mask(mask, is_causal, n, n)
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), causal, mask, kpm)
-            x = x + self.dropout2(_feed_forward(self, self.norm2(x)))
+            x, h = _add_then_norm(x, self._sa_block(self.norm1(x), causal, mask, kpm), self.dropout1, self.norm2)
+            x, _ = _add_then_norm(x, _feed_forward(self, h), self.dropout2, None)
         else:
-            x = self.norm1(x + self._sa_block(x, causal, mask, kpm))
-            x = self.norm2(x + self.dropout2(_feed_forward(self, x)))
+            x = _add_norm(x, self._sa_block(x, causal, mask, kpm), self.dropout1, self.norm1)
+            x = _add_norm(x, _feed_forward(self, x), self.dropout2, self.norm2)
         return _unbatched(x, unbatched, self.batch_first)
 
     def _sa_block(self, x, causal, mask, kpm):
-        return self.dropout1(_self_attention(self.self_attn, x, batch_first=self.batch_first, causal=causal,
-                                             window=self.window, mask=mask, kpm=kpm, training=self.training,
-                                             cache=None))
+        """Self-attention without its residual dropout (``dropout1``, applied in the residual connection)."""
+        return _self_attention(self.self_attn, x, batch_first=self.batch_first, causal=causal, window=self.window,
+                               mask=mask, kpm=kpm, training=self.training, cache=None)
 
 
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -468,24 +524,27 @@ class TransformerDecoderLayer(nn.Module):
             mem_mask = _check_mask("memory_mask", memory_mask, n, s)
             mem_causal, mem_mask = _resolve_mask(mem_mask, memory_is_causal, n, s)
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), causal, mask, kpm, cache)
-            x = x + self._mha_block(self.norm2(x), mem, mem_causal, mem_mask, mem_kpm, cache)
-            x = x + self.dropout3(_feed_forward(self, self.norm3(x)))
+            x, h = _add_then_norm(x, self._sa_block(self.norm1(x), causal, mask, kpm, cache), self.dropout1,
+                                  self.norm2)
+            x, h = _add_then_norm(x, self._mha_block(h, mem, mem_causal, mem_mask, mem_kpm, cache), self.dropout2,
+                                  self.norm3)
+            x, _ = _add_then_norm(x, _feed_forward(self, h), self.dropout3, None)
         else:
-            x = self.norm1(x + self._sa_block(x, causal, mask, kpm, cache))
-            x = self.norm2(x + self._mha_block(x, mem, mem_causal, mem_mask, mem_kpm, cache))
-            x = self.norm3(x + self.dropout3(_feed_forward(self, x)))
+            x = _add_norm(x, self._sa_block(x, causal, mask, kpm, cache), self.dropout1, self.norm1)
+            x = _add_norm(x, self._mha_block(x, mem, mem_causal, mem_mask, mem_kpm, cache), self.dropout2,
+                          self.norm2)
+            x = _add_norm(x, _feed_forward(self, x), self.dropout3, self.norm3)
         return _unbatched(x, unbatched, self.batch_first)
 
     def _sa_block(self, x, causal, mask, kpm, cache):
-        return self.dropout1(_self_attention(self.self_attn, x, batch_first=self.batch_first, causal=causal,
-                                             window=self.window, mask=mask, kpm=kpm, training=self.training,
-                                             cache=cache))
+        """Masked self-attention without its residual dropout (``dropout1``, applied in the residual connection)."""
+        return _self_attention(self.self_attn, x, batch_first=self.batch_first, causal=causal, window=self.window,
+                               mask=mask, kpm=kpm, training=self.training, cache=cache)
 
     def _mha_block(self, x, mem, causal, mask, kpm, cache):
-        return self.dropout2(_cross_attention(self.multihead_attn, x, mem, batch_first=self.batch_first,
-                                              causal=causal, mask=mask, kpm=kpm, training=self.training,
-                                              cache=cache))
+        """Cross-attention over ``memory`` without its residual dropout (``dropout2``)."""
+        return _cross_attention(self.multihead_attn, x, mem, batch_first=self.batch_first, causal=causal, mask=mask,
+                                kpm=kpm, training=self.training, cache=cache)
 
 
 class TransformerDecoder(nn.Module):

@@ -626,3 +626,63 @@ def test_torch_compile_fullgraph_encoder(torch_path):
         (gx,) = torch.autograd.grad(got.sum(), x)
         (ex,) = torch.autograd.grad(eager.sum(), x)
         assert_close(gx, ex, dtype=torch.float32, scale=LAYER_SCALE)
+
+
+# ------------------------------------------------------------------------------ fused elementwise kernels
+
+class _FusedSpy:
+    """Counts the layers' calls of the fused residual/LayerNorm and bias/activation ops (and still runs them)."""
+
+    def __init__(self, monkeypatch):
+        self.add_norm, self.bias_act = [], []
+        real_ln, real_ba = T.dropout_add_layer_norm, T.bias_act_dropout
+
+        def ln(*a, **kw):
+            self.add_norm.append(kw)
+            return real_ln(*a, **kw)
+
+        def ba(*a, **kw):
+            self.bias_act.append(kw)
+            return real_ba(*a, **kw)
+
+        monkeypatch.setattr(T, "dropout_add_layer_norm", ln)
+        monkeypatch.setattr(T, "bias_act_dropout", ba)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", torch.tanh])
+def test_fused_elementwise_ops_run_on_the_kernel_path_only(any_path, monkeypatch, norm_first, activation):
+    """On the Triton path every residual connection followed by a layer norm is one dropout_add_layer_norm call
+    and the feed-forward's bias + activation + dropout one bias_act_dropout call (named activations only); the
+    PyTorch path keeps torch's ops.  (That the fused path computes the layer is test_*_triton's job.)"""
+    enc = TransformerEncoderLayer(E, H, FF, dropout=0.25, activation=activation, norm_first=norm_first).to(any_path)
+    dec = TransformerDecoderLayer(E, H, FF, dropout=0.25, activation=activation, norm_first=norm_first).to(any_path)
+    spy = _FusedSpy(monkeypatch)
+    x = torch.randn(5, 2, E, device=any_path)
+    enc(x)
+    dec(x, x)
+    kernel = T.backend.select("layer_norm", x) == "triton"  # the any_path fixture forced one path or the other
+    # encoder: 2 residual connections, decoder: 3; pre-norm fuses all but the layer's last one
+    expect_ln = (2 + 3 - 2) if norm_first else (2 + 3)
+    expect_ba = 2 if not callable(activation) else 0
+    assert len(spy.add_norm) == (expect_ln if kernel else 0)
+    assert len(spy.bias_act) == (expect_ba if kernel else 0)
+    assert all(kw["dropout_p"] == 0.25 for kw in spy.add_norm + spy.bias_act)
+    enc.eval()
+    enc(x)
+    assert all(kw["dropout_p"] == 0.0 for kw in spy.add_norm[expect_ln:] + spy.bias_act[expect_ba:])
+
+
+def test_kernel_path_dropout_is_seeded_by_torch_generator(triton_path):
+    """Dropout in the fused kernels draws its seeds from torch's generator: manual_seed reproduces a training
+    step bit for bit, another seed changes it, and eval mode turns dropout off."""
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayer(E, H, FF, dropout=0.5, batch_first=True).to(triton_path)
+    x = torch.randn(2, 7, E, device=triton_path)
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(layer(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
