@@ -23,10 +23,12 @@ device torch supports and never relies on signed-overflow behaviour.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-__all__ = ["philox_uniform", "philox_normal", "philox_randint4x", "MAX_SEED"]
+__all__ = ["philox_uniform", "philox_normal", "philox_keep", "philox_randint4x", "MAX_SEED"]
 
 MAX_SEED = 2**63 - 1
 
@@ -126,3 +128,64 @@ def philox_normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.sqrt(np.float32(-2.0) * np.log(u1n)) * np.cos(thn))
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th)
+
+
+# Philox constants minus 2**32: negative, |a| < 2**31, so c * a is exact in int64 for any 32-bit c.
+_ROUND_A_NEG = _ROUND_A - (1 << 32)
+_ROUND_B_NEG = _ROUND_B - (1 << 32)
+_KEEP_CHUNK = 1 << 16      # offsets per pass and thread: the round's temporaries stay in cache
+
+
+@functools.lru_cache(maxsize=64)
+def _keep_threshold(p: float) -> int:
+    """The least 31-bit value x whose uniform ``_uint_to_uniform(x)`` is >= p (2**31 if none).  The
+    map is monotone, so ``uniform >= p`` is ``x >= threshold``: found by bisection on the very map."""
+    lo, hi = 0, 1 << 31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bool(_uint_to_uniform(torch.tensor([mid], dtype=torch.int64))[0] >= p):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _mulhilo(c: torch.Tensor, a_neg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of c * (a_neg + 2**32) for 32-bit c: c * a_neg is exact in int64 and
+    c * 2**32 only adds c to the high word.  The high word comes back unmasked (equal mod 2**32)."""
+    prod = c * a_neg
+    return (prod >> 32) + c, prod & _MASK32
+
+
+def philox_keep(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout keep-mask ``philox_uniform(seed, offsets) >= p``, bit for bit (tested), several times faster.
+
+    The same Philox-4x32-10 as ``philox_randint4x``, but: products exact in int64
+    through negative constants (one multiply per product instead of four), only the words each round
+    needs, masks deferred past the xors, the comparison as a range test on the raw first word
+    (uniform(x) >= p iff t <= x <= 2**32 - 1 - t, x read unsigned; ``_keep_threshold``), and the
+    offsets in cache-sized chunks."""
+    t = _keep_threshold(float(p))
+    flat = offsets.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    seed = _check_seed(seed)
+    k0_seed, k1_seed = seed & _MASK32, (seed >> 32) & _MASK32
+    chunk = _KEEP_CHUNK * max(1, torch.get_num_threads()) if flat.device.type == "cpu" else max(1, flat.numel())
+    for s in range(0, flat.numel(), chunk):
+        off = flat[s:s + chunk]
+        k0, k1 = k0_seed, k1_seed
+        # round 1 with c2 = c3 = 0 (the counter's upper words)
+        hi_a, c3 = _mulhilo(off & _MASK32, _ROUND_A_NEG)
+        c0, c1, c2 = (off >> 32) ^ k0, None, hi_a.bitwise_xor_(k1).bitwise_and_(_MASK32)
+        for r in range(1, _N_ROUNDS):
+            k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+            hi_b, lo_b = _mulhilo(c2, _ROUND_B_NEG)
+            n0 = hi_b.bitwise_xor_(k0) if c1 is None else hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
+            n0 = n0.bitwise_and_(_MASK32)
+            if r < _N_ROUNDS - 1:           # the last round needs only the first word
+                hi_a, lo_a = _mulhilo(c0, _ROUND_A_NEG)
+                c2 = hi_a.bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
+                c1, c3 = lo_b, lo_a
+            c0 = n0
+        torch.logical_and(c0 >= t, c0 <= _MASK32 - t, out=out[s:s + chunk])
+    return out.view(offsets.shape)

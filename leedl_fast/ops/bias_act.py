@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..random import MAX_SEED, philox_uniform
+from ..random import MAX_SEED, philox_keep, philox_uniform
 from ._common import check_tensor
 
 __all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
@@ -50,7 +50,6 @@ __all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
 
 # Elements per Philox call on the torch path: bounds the int64 temporaries of the generator.
-_MASK_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------- reference
@@ -60,12 +59,7 @@ def _keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= int(s)
-    keep = torch.zeros(n, dtype=torch.bool, device=device)
-    for start in range(0, n, _MASK_CHUNK):
-        stop = min(n, start + _MASK_CHUNK)
-        offs = torch.arange(start, stop, dtype=torch.int64, device=device)
-        keep[start:stop] = philox_uniform(seed, offs) >= p
-    return keep.view(shape)
+    return philox_keep(seed, torch.arange(n, dtype=torch.int64, device=device), p).view(shape)
 
 
 def bias_act_dropout_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: str = "relu",

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..random import MAX_SEED, philox_uniform
+from ..random import MAX_SEED, philox_keep, philox_uniform
 from ._common import check_same, check_tensor
 
 __all__ = ["dropout_add_layer_norm", "dropout_add_layer_norm_reference"]
@@ -67,8 +67,7 @@ MAX_COLS = 8192
 def _keep_mask(seed: int, shape, device, p: float) -> torch.Tensor:
     """Element i (row-major linear index) is kept iff philox_uniform(seed, i) >= p."""
     n = math.prod(shape)
-    offs = torch.arange(n, dtype=torch.int64, device=device).view(shape)
-    return philox_uniform(seed, offs) >= p
+    return philox_keep(seed, torch.arange(n, dtype=torch.int64, device=device), p).view(shape)
 
 
 def dropout_add_layer_norm_reference(x: torch.Tensor, residual: Optional[torch.Tensor] = None,
