@@ -101,7 +101,6 @@ The torch path (CPU fallback)
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
