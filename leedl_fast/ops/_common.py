@@ -1,7 +1,11 @@
 """Argument checks shared by the ops: each raises ValueError naming the argument."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ..random import MAX_SEED
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,3 +35,37 @@ def check_dim(name: str, dim, ndim: int) -> int:
     if not -max(ndim, 1) <= dim < max(ndim, 1):
         raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor")
     return dim % max(ndim, 1)
+
+
+# ----------------------------------------------------------------------------- dropout seeds
+
+def check_dropout(dropout_p, seed) -> None:
+    """``dropout_p`` a probability in [0, 1); ``seed`` None or an int in [0, 2**63 - 1]."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+
+
+def dropout_seed(seed: Optional[int], dropout_p: float) -> Optional[torch.Tensor]:
+    """The Philox seed a dropout op passes to its custom op: a 0-dim int64 CPU tensor (``seed``, or one drawn
+    from torch's default generator when None), or None when nothing is dropped (the generator is untouched)."""
+    if dropout_p <= 0.0:
+        return None
+    if seed is None:
+        return torch.randint(0, MAX_SEED, (), dtype=torch.int64)
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def seed_int(seed: Optional[torch.Tensor]) -> int:
+    """The custom ops' seed tensor as the int the kernels and ``leedl_fast.random`` take (0 when None)."""
+    return 0 if seed is None else int(seed.item())
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, C) view of ``t`` over its last dim, copied only if its columns are not unit-stride (row
+    strides are passed to the kernels)."""
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows

@@ -107,8 +107,8 @@ from typing import Optional
 import torch
 
 from .. import backend
-from ..random import MAX_SEED, philox_keep, philox_uniform
-from ._common import check_same, check_tensor
+from ..random import philox_keep, philox_uniform
+from ._common import check_dropout, check_same, check_tensor, dropout_seed, seed_int
 
 __all__ = [
     "attention", "banded_attention", "attention_reference", "normalize_window",
@@ -823,20 +823,16 @@ def _use_triton(q: torch.Tensor) -> bool:
     return q.dtype != torch.float64 and backend.select("attention", q) == "triton"
 
 
-def _seed_int(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 @torch.library.custom_op("leedl_fast::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                       seed: Optional[torch.Tensor], scale: float, left: int, right: int,
                       dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not _use_triton(q):
-        return _attention_fwd_torch(q, k, v, key_padding_mask, scale, left, right, dropout_p, _seed_int(seed))
+        return _attention_fwd_torch(q, k, v, key_padding_mask, scale, left, right, dropout_p, seed_int(seed))
     from leedl_fast.kernels.attention import attention_fwd
 
     o, lse = attention_fwd(q, k, v, scale=scale, left=left, right=right, key_padding_mask=key_padding_mask,
-                           dropout_p=dropout_p, seed=_seed_int(seed))
+                           dropout_p=dropout_p, seed=seed_int(seed))
     lse_out = _lse_empty(q)
     return _conform(o, _out_empty(q)), _conform(lse, lse_out)
 
@@ -853,11 +849,11 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                       dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not _use_triton(q):
         return _attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask, scale, left, right, dropout_p,
-                                    _seed_int(seed))
+                                    seed_int(seed))
     from leedl_fast.kernels.attention import attention_bwd
 
     dq, dk, dv = attention_bwd(do, q, k, v, o, lse, scale=scale, left=left, right=right,
-                               key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=_seed_int(seed))
+                               key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed_int(seed))
     return _conform(dq, _grad_empty(q)), _conform(dk, _grad_empty(k)), _conform(dv, _grad_empty(v))
 
 
@@ -916,13 +912,10 @@ def _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, see
             raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(b, nk)}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_dropout(dropout_p, seed)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
     return normalize_window(causal, window)
 
 
@@ -954,12 +947,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    seed_t = None
-    if dropout_p > 0.0:
-        if seed is None:
-            seed_t = torch.randint(0, MAX_SEED, (), dtype=torch.int64)
-        else:
-            seed_t = torch.tensor(seed, dtype=torch.int64)
+    seed_t = dropout_seed(seed, dropout_p)
     kpm = key_padding_mask.contiguous() if key_padding_mask is not None else None
     o, _ = _attention_fwd_op(q, k, v, kpm, seed_t, scale, left, right, dropout_p)
     return o

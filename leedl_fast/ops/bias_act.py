@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..random import MAX_SEED, philox_keep, philox_uniform
-from ._common import check_tensor
+from ..random import philox_keep, philox_uniform
+from ._common import as_rows, check_dropout, check_tensor, dropout_seed, seed_int
 
 __all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
 
@@ -160,28 +160,16 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.dtype != torch.float64 and backend.select("bias_act", x) == "triton"
 
 
-def _seed_int(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(M, C) view (a copy if it must be) with unit column stride; row strides are passed to the kernel."""
-    rows = t.reshape(-1, t.shape[-1])
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
-
-
 @torch.library.custom_op("leedl_fast::bias_act_dropout_fwd", mutates_args=())
 def _bias_act_fwd_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], activation: str,
                      dropout_p: float) -> torch.Tensor:
     if x.numel() == 0 or not _use_triton(x):
-        return _bias_act_dropout_torch(x, bias, activation, dropout_p, _seed_int(seed))
+        return _bias_act_dropout_torch(x, bias, activation, dropout_p, seed_int(seed))
     from leedl_fast.kernels.bias_act import ACTIVATIONS as codes, bias_act_fwd
 
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    bias_act_fwd(_as_rows(x), None if bias is None else bias.contiguous(), y.view(-1, x.shape[-1]),
-                 activation=codes[activation], dropout_p=dropout_p, seed=_seed_int(seed))
+    bias_act_fwd(as_rows(x), None if bias is None else bias.contiguous(), y.view(-1, x.shape[-1]),
+                 activation=codes[activation], dropout_p=dropout_p, seed=seed_int(seed))
     return y
 
 
@@ -194,13 +182,13 @@ def _(x, bias, seed, activation, dropout_p):
 def _bias_act_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                      activation: str, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0 or not _use_triton(x):
-        return _bias_act_dropout_backward_torch(dy, x, bias, activation, dropout_p, _seed_int(seed))
+        return _bias_act_dropout_backward_torch(dy, x, bias, activation, dropout_p, seed_int(seed))
     from leedl_fast.kernels.bias_act import ACTIVATIONS as codes, bias_act_bwd
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dbias = bias_act_bwd(_as_rows(dy), _as_rows(x), None if bias is None else bias.contiguous(),
+    dbias = bias_act_bwd(as_rows(dy), as_rows(x), None if bias is None else bias.contiguous(),
                          dx.view(-1, x.shape[-1]), activation=codes[activation], dropout_p=dropout_p,
-                         seed=_seed_int(seed))
+                         seed=seed_int(seed))
     return dx, (x.new_empty((0,)) if bias is None else dbias.to(bias.dtype))
 
 
@@ -244,10 +232,7 @@ def _check_args(x, bias, activation, dropout_p, seed) -> None:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+    check_dropout(dropout_p, seed)
 
 
 def bias_act_dropout(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: str = "relu",
@@ -272,14 +257,5 @@ def bias_act_dropout(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, ac
     if not torch.compiler.is_compiling() and not _use_triton(x):
         # Eager torch path: torch's differentiable ops without the custom-op dispatch; the seed is
         # drawn exactly as below, so both give the same mask from the same generator state.
-        seed_i = 0
-        if dropout_p > 0.0:
-            seed_i = int(torch.randint(0, MAX_SEED, (), dtype=torch.int64)) if seed is None else seed
-        return _bias_act_dropout_torch(x, bias, activation, dropout_p, seed_i)
-    seed_t = None
-    if dropout_p > 0.0:
-        if seed is None:
-            seed_t = torch.randint(0, MAX_SEED, (), dtype=torch.int64)
-        else:
-            seed_t = torch.tensor(seed, dtype=torch.int64)
-    return _bias_act_fwd_op(x, bias, seed_t, activation, dropout_p)
+        return _bias_act_dropout_torch(x, bias, activation, dropout_p, seed_int(dropout_seed(seed, dropout_p)))
+    return _bias_act_fwd_op(x, bias, dropout_seed(seed, dropout_p), activation, dropout_p)

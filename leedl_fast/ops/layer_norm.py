@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..random import MAX_SEED, philox_keep, philox_uniform
-from ._common import check_same, check_tensor
+from ..random import philox_keep
+from ._common import as_rows, check_dropout, check_same, check_tensor, dropout_seed, seed_int
 
 __all__ = ["dropout_add_layer_norm", "dropout_add_layer_norm_reference"]
 
@@ -174,18 +174,6 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.dtype != torch.float64 and backend.select("layer_norm", x) == "triton"
 
 
-def _seed_int(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, C) view (or copy) with unit column stride."""
-    r = t.reshape(-1, t.shape[-1])
-    if r.shape[1] > 1 and r.stride(1) != 1:
-        r = r.contiguous()
-    return r
-
-
 def _stats_empty(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape[:-1], dtype=_acc(x.dtype), device=x.device)
 
@@ -195,12 +183,12 @@ def _fwd_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[
             bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], eps: float, dropout_p: float,
             store_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.numel() == 0 or not _use_triton(x):
-        return _fwd_torch(x, residual, weight, bias, _seed_int(seed), eps, dropout_p, store_h)
+        return _fwd_torch(x, residual, weight, bias, seed_int(seed), eps, dropout_p, store_h)
     from leedl_fast.kernels.layer_norm import dropout_add_layer_norm_fwd
 
     y, h, mean, rstd = dropout_add_layer_norm_fwd(
-        _rows(x), None if residual is None else _rows(residual), weight, bias,
-        eps=eps, dropout_p=dropout_p, seed=_seed_int(seed), store_h=store_h)
+        as_rows(x), None if residual is None else as_rows(residual), weight, bias,
+        eps=eps, dropout_p=dropout_p, seed=seed_int(seed), store_h=store_h)
     h = h.view(x.shape) if h is not None else x.new_empty(0)
     return y.view(x.shape), h, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
@@ -217,12 +205,12 @@ def _bwd_op(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, weigh
             mean: torch.Tensor, rstd: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
             has_residual: bool, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if h.numel() == 0 or not _use_triton(h):
-        return _bwd_torch(dy, dh, h, weight, mean, rstd, _seed_int(seed), dropout_p, has_residual, has_bias)
+        return _bwd_torch(dy, dh, h, weight, mean, rstd, seed_int(seed), dropout_p, has_residual, has_bias)
     from leedl_fast.kernels.layer_norm import dropout_add_layer_norm_bwd
 
     dx, dres, dw, db = dropout_add_layer_norm_bwd(
-        _rows(dy), None if dh is None else _rows(dh), _rows(h), weight, mean.reshape(-1), rstd.reshape(-1),
-        dropout_p=dropout_p, seed=_seed_int(seed), has_residual=has_residual, has_bias=has_bias)
+        as_rows(dy), None if dh is None else as_rows(dh), as_rows(h), weight, mean.reshape(-1), rstd.reshape(-1),
+        dropout_p=dropout_p, seed=seed_int(seed), has_residual=has_residual, has_bias=has_bias)
     # Absent outputs are distinct empty tensors (custom-op outputs may not alias one another).
     return (dx.view(h.shape), h.new_empty(0) if dres is None else dres.view(h.shape),
             h.new_empty(0) if dw is None else dw, h.new_empty(0) if db is None else db)
@@ -287,10 +275,7 @@ def _check_args(x, residual, weight, bias, eps, dropout_p, seed, return_residual
                 raise ValueError(f"{name} must have shape ({c},) (x's last dim), got {tuple(t.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+    check_dropout(dropout_p, seed)
     if not isinstance(return_residual, bool):
         raise ValueError(f"return_residual must be a bool, got {return_residual!r}")
 
@@ -320,15 +305,12 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = N
     triton_path = _use_triton(x)
     if triton_path and x.shape[-1] > MAX_COLS:
         raise ValueError(f"x's last dim must be <= {MAX_COLS} on the Triton path, got {x.shape[-1]}")
-    seed_t = None
-    if dropout_p > 0.0:
-        seed_t = (torch.randint(0, MAX_SEED, (), dtype=torch.int64) if seed is None
-                  else torch.tensor(seed, dtype=torch.int64))
+    seed_t = dropout_seed(seed, dropout_p)
     if not torch.compiler.is_compiling() and not triton_path:
         # Eager torch path: torch's kernels and autograd, the same function as the custom op's
         # torch implementation, without the custom-op dispatch.
         return _dropout_add_layer_norm_torch(x, residual, weight, bias, eps, dropout_p,
-                                             _seed_int(seed_t), return_residual)
+                                             seed_int(seed_t), return_residual)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
     store_h = return_residual or (grad and (residual is not None or dropout_p > 0.0))
     y, h, _, _ = _fwd_op(x, residual, weight, bias, seed_t, eps, dropout_p, store_h)
