@@ -92,6 +92,32 @@ def _act_grad(z, ACT: tl.constexpr):
     return d
 
 
+@triton.jit
+def _tile_preactivation(x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of the (M, C) view and its pre-activation ``z = x + bias`` in fp32 (both passes)."""
+    pid = tl.program_id(0)
+    pid_m = pid // n_col_blocks
+    pid_n = pid % n_col_blocks
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)                  # [BLOCK_M] int64
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # [BLOCK_N]
+    mask_n = offs_n < n_cols
+    mask = (offs_m[:, None] < n_rows) & mask_n[None, :]                             # [BLOCK_M, BLOCK_N]
+    z = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)         # [BLOCK_N]
+        z = z + b[None, :]
+    return pid_m, offs_m, offs_n, mask_n, mask, z
+
+
+@triton.jit
+def _dropout(v, seed, p, keep_scale, offs_m, offs_n, n_cols):
+    """Dropout of a tile: the Philox counter is the element's row-major index in the logical (M, C)
+    tensor; the backward regenerates the same keep-mask from it."""
+    r = tl.rand(seed, offs_m[:, None] * n_cols + offs_n[None, :])                   # [BLOCK_M, BLOCK_N]
+    return tl.where(r >= p, v * keep_scale, 0.0)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _bias_act_fwd_kernel(
     x_ptr, b_ptr, y_ptr,
@@ -104,23 +130,11 @@ def _bias_act_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid // n_col_blocks
-    pid_n = pid % n_col_blocks
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)                  # [BLOCK_M] int64
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # [BLOCK_N]
-    mask_n = offs_n < n_cols
-    mask = (offs_m[:, None] < n_rows) & mask_n[None, :]                             # [BLOCK_M, BLOCK_N]
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0)
-    z = x.to(tl.float32)                                                            # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)         # [BLOCK_N]
-        z = z + b[None, :]
+    pid_m, offs_m, offs_n, mask_n, mask, z = _tile_preactivation(
+        x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks, HAS_BIAS, BLOCK_M, BLOCK_N)
     y = _act_fwd(z, ACT)                                                            # [BLOCK_M, BLOCK_N]
     if HAS_DROPOUT:
-        # The Philox counter is the element's row-major index in the logical (M, C) tensor.
-        r = tl.rand(seed, offs_m[:, None] * n_cols + offs_n[None, :])               # [BLOCK_M, BLOCK_N]
-        y = tl.where(r >= p, y * keep_scale, 0.0)
+        y = _dropout(y, seed, p, keep_scale, offs_m, offs_n, n_cols)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -136,21 +150,11 @@ def _bias_act_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid // n_col_blocks
-    pid_n = pid % n_col_blocks
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)                  # [BLOCK_M] int64
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # [BLOCK_N]
-    mask_n = offs_n < n_cols
-    mask = (offs_m[:, None] < n_rows) & mask_n[None, :]                             # [BLOCK_M, BLOCK_N]
-    z = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)         # [BLOCK_N]
-        z = z + b[None, :]
+    pid_m, offs_m, offs_n, mask_n, mask, z = _tile_preactivation(
+        x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks, HAS_BIAS, BLOCK_M, BLOCK_N)
     g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        r = tl.rand(seed, offs_m[:, None] * n_cols + offs_n[None, :])               # [BLOCK_M, BLOCK_N]
-        g = tl.where(r >= p, g * keep_scale, 0.0)
+        g = _dropout(g, seed, p, keep_scale, offs_m, offs_n, n_cols)
     dz = g * _act_grad(z, ACT)                                                      # [BLOCK_M, BLOCK_N]
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_n[None, :], dz.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
