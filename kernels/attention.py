@@ -62,6 +62,15 @@ __all__ = ["attention_fwd", "attention_bwd", "launch_configs", "LOG2E"]
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# One binary per configuration, and it is the one tests/kernels/test_attention_compile.py
+# checks.  Triton's launcher specialises an int argument that is divisible by 16 (or equal to
+# 1, which becomes a constant) and a 16-byte aligned pointer, and types an int by its value
+# (i32 or i64).  The sizes, the window and the seed are therefore never specialised and the
+# seed is always i64; every pointer and every stride is made 16-aligned by the launchers
+# (_prep, _empty, _kpm), so each kernel always runs its vectorised, aligned variant.
+RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_right", "seed"]
+ALIGN = 16  # elements (strides) and bytes (pointers), as Triton's tt.divisibility
+
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
@@ -174,7 +183,7 @@ def _attention_fwd_inner(
     return acc, l_i, m_i, n_visited
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr, count_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -183,7 +192,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, window_left, window_right, dropout_p, seed,
+    qk_scale, window_left, window_right, dropout_p, seed: tl.int64,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr,
@@ -254,7 +263,7 @@ def _attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _attention_bwd_preprocess_kernel(
     o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr,
     stride_ob, stride_oh, stride_om,
@@ -374,7 +383,7 @@ def _attention_bwd_dkdv_heads(
     return dk, dv, n_visited
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, count_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -385,7 +394,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
+    qk_scale, sm_scale, window_left, window_right, dropout_p, seed: tl.int64,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr, SPLIT_DKDV: tl.constexpr,
@@ -506,7 +515,7 @@ def _attention_bwd_dq_inner(
     return dq, n_visited
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, kpm_ptr, count_ptr,
     stride_qb, stride_qh, stride_qm,
@@ -516,7 +525,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, sm_scale, window_left, window_right, dropout_p, seed,
+    qk_scale, sm_scale, window_left, window_right, dropout_p, seed: tl.int64,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr,
@@ -708,20 +717,45 @@ def launch_configs() -> list[dict]:
     return out
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether ``t`` launches the aligned variant: unit last stride, every other stride a multiple
+    of ALIGN elements and a 16-byte aligned start."""
+    return (t.stride(-1) == 1 and t.data_ptr() % ALIGN == 0
+            and all(s % ALIGN == 0 for s in t.stride()[:-1]))
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` whose rows start every ALIGN-multiple elements: a view of
+    (..., round_up(D, ALIGN)) storage when D is not a multiple of ALIGN (D = 40 rows 48 apart)."""
+    d = shape[-1]
+    padded = -(-d // ALIGN) * ALIGN
+    return torch.empty((*shape[:-1], padded), dtype=dtype, device=device)[..., :d]
+
+
 def _prep(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    """``t`` itself when aligned, else a copy in _empty's layout: O(N*D) bytes against the kernels'
+    O(N^2*D) work, the price of never running Triton's unaligned (scalar-load) variant.  The head
+    dim is padded in storage only, never in the math (FlashAttention-2's interface pads q, k, v to
+    a multiple of 8 for the same reason)."""
+    if _aligned(t):
+        return t
+    out = _empty(t.shape, t.dtype, t.device)
+    out.copy_(t)
+    return out
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A result as callers expect it: contiguous (a copy only for head dims that are not multiples
+    of ALIGN, whose results were written with padded rows)."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _kpm(key_padding_mask, q):
+    """(mask as uint8 with an aligned row stride, that stride, HAS_KPM)."""
     if key_padding_mask is None:
-        return q, 0, False  # any pointer; never read
+        return q, 0, False  # any aligned pointer; never read
     m = key_padding_mask
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8) if m.stride(-1) == 1 else m.contiguous().view(torch.uint8)
-    else:
-        m = (m != 0).to(torch.uint8)
-    if m.stride(-1) != 1:
-        m = m.contiguous()
+    m = _prep(m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).to(torch.uint8))
     return m, m.stride(0), True
 
 
@@ -737,7 +771,8 @@ def _check_common(q, k, v, left, right):
 
 def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_mask, dropout_p: float, seed: int,
                   count_blocks: bool = False, _blocks: tuple | None = None):
-    """Forward pass.  q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); any strides.
+    """Forward pass.  q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); any strides (an input that is not
+    ALIGN-aligned, such as every tensor with D = 40, runs from an aligned copy: _prep).
 
     Returns ``(o, lse)``: o (B, Hq, Nq, D) contiguous in q's dtype, lse (B, Hq, Nq) float32,
     the natural-log logsumexp of ``scale * q.k`` over the visible keys (before dropout),
@@ -747,7 +782,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     ``_blocks=(BLOCK_M, BLOCK_N)`` overrides the tile choice (tests only)."""
     B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
     q, k, v = _prep(q), _prep(k), _prep(v)
-    o = torch.empty((B, Hq, Nq, D), device=q.device, dtype=q.dtype)
+    o = _empty((B, Hq, Nq, D), q.dtype, q.device)
     lse = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(D))
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
@@ -757,7 +792,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     n_mblocks = triton.cdiv(Nq, block_m)
     counts = torch.empty((B, Hq, n_mblocks), device=q.device, dtype=torch.int32) if count_blocks else lse
     if B * Hq * Nq == 0:
-        return (o, lse, counts) if count_blocks else (o, lse)
+        return (_dense(o), lse, counts) if count_blocks else (_dense(o), lse)
     grid = (n_mblocks, Hq, B)
     _attention_fwd_kernel[grid](
         q, k, v, o, lse, kpm, counts,
@@ -772,6 +807,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
         HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
         COUNT_BLOCKS=count_blocks, **meta,
     )
+    o = _dense(o)
     return (o, lse, counts) if count_blocks else (o, lse)
 
 
@@ -787,10 +823,11 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     ``_blocks=((dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N))`` overrides the tiles (tests only)."""
     B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
     q, k, v, do, o = _prep(q), _prep(k), _prep(v), _prep(do), _prep(o)
-    lse = lse.contiguous()
-    dq = torch.empty((B, Hq, Nq, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, Hkv, Nk, D), device=q.device, dtype=k.dtype)
-    dv = torch.empty((B, Hkv, Nk, D), device=q.device, dtype=v.dtype)
+    if not lse.is_contiguous() or lse.data_ptr() % ALIGN:  # read as (B*Hq*Nq,) from its start
+        lse = lse.clone(memory_format=torch.contiguous_format)
+    dq = _empty((B, Hq, Nq, D), q.dtype, q.device)
+    dk = _empty((B, Hkv, Nk, D), k.dtype, q.device)
+    dv = _empty((B, Hkv, Nk, D), v.dtype, q.device)
     block_d = max(16, triton.next_power_of_2(D))
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
@@ -805,7 +842,7 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     else:
         cnt_dq = cnt_dkdv = lse
     if B * Hq * Nq == 0 or Nk == 0:  # nothing attends: every gradient is zero
-        dq.zero_(), dk.zero_(), dv.zero_()
+        dq, dk, dv = (_dense(t).zero_() for t in (dq, dk, dv))
         return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)
 
     delta = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
@@ -840,4 +877,5 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_kpmb, *scalars, **common, **mdq,
     )
+    dq, dk, dv = _dense(dq), _dense(dk), _dense(dv)
     return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)

@@ -77,3 +77,53 @@ def compile_many(configs: list[KernelConfig], ccs=(80, 90), timeout: float = 900
     if proc.returncode != 0:
         raise RuntimeError(f"AOT worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return [Report(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+# ----------------------------------------------------------------------------------------------
+# What a launch would compile
+# ----------------------------------------------------------------------------------------------
+# Triton's launcher compiles one variant per specialisation of a kernel's arguments: an int is
+# i32 or i64 by its value, an int divisible by 16 or a 16-byte aligned pointer gets
+# tt.divisibility 16, an int equal to 1 becomes a constant (unless the kernel lists it in
+# do_not_specialize).  A compile check covers the code that runs only if it compiles these
+# variants, so the tests record the launchers' arguments (the kernels do not run) and compute
+# their specialisation with Triton's own binder, as a GPU launch would.
+def record_launches(monkeypatch, module, kernels) -> list:
+    """Replace ``module.<name>`` for each name in ``kernels`` by a recorder: ``kernel[grid](...)``
+    appends ``(interpreted_fn, args, kwargs)`` to the returned list instead of running."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    for name in kernels:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    return launches
+
+
+def runtime_specialization(fn, args, kwargs) -> dict:
+    """name -> (type, attribute) of every non-constexpr argument of a recorded launch: ``("*fp16",
+    "D")`` for a 16-byte aligned fp16 pointer, ``("i32", "D")`` for an int divisible by 16,
+    ``("i32", None)`` for an unspecialised one, ``("constexpr", 1)`` for an int 1 made a constant."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    options = {k: fn.kwargs.get(k) for k in ("do_not_specialize", "do_not_specialize_on_alignment")}
+    jit = JITFunction(fn.fn, **options)
+    binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+    _, spec, _ = binder(*args, **kwargs)
+    return {p.name: s for p, s in zip(jit.params, spec) if not p.is_constexpr}
+
+
+def compiled_specialization(cfg: KernelConfig) -> dict:
+    """name -> (type, whether tt.divisibility 16) of every non-constexpr argument ``cfg`` compiles."""
+    return {n: (t, n in cfg.attrs) for n, t in cfg.signature.items() if t != "constexpr"}
+
+
+def as_compiled(runtime: dict) -> dict:
+    """A runtime_specialization in compiled_specialization's form."""
+    return {n: (t, a == "D") for n, (t, a) in runtime.items()}

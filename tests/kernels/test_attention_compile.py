@@ -13,21 +13,24 @@ head-dim groups and targets so that both dtypes are compiled for every kernel on
 fp16/bf16 must show HMMA on sm_80 and HGMMA on sm_90; fp32 (TF32 products) HMMA on sm_80.
 Zero spills everywhere.
 
-Each entry is compiled with the specialization Triton's launcher gives it at run time for
-aligned inputs: every pointer 16-byte aligned and every stride a multiple of 16 (tt.divisibility
-16, as triton.runtime.jit marks such arguments), which holds for contiguous or head-permuted
-tensors whose head dim is a multiple of 16.  Without it the loads cannot be vectorised and
-the kernels compile to other code (at head dim 256 that code spills; it runs only for inputs
-with odd strides or offsets).
+Each entry is compiled with the specialization Triton's launcher gives every launch: every
+pointer 16-byte aligned and every stride a multiple of 16 (tt.divisibility 16, as
+triton.runtime.jit marks such arguments), the sizes, window and seed unspecialised and the seed
+i64.  The launchers guarantee it (kernels/attention.py: RUNTIME_INTS, _prep copies an unaligned
+input, such as any with head dim 40, to aligned storage), and the last tests here check it with
+Triton's own binder on awkward inputs.  Without the alignment the loads cannot be vectorised and
+the kernels compile to other code, which at head dim 256 spills.
 """
 import pytest
 
-from tests.aot import KernelConfig, compile_many
+from tests.aot import (KernelConfig, as_compiled, compile_many, compiled_specialization, record_launches,
+                       runtime_specialization)
 
 pytest.importorskip("triton")
 
 MOD = "leedl_fast.kernels.attention"
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_COUNT = "*fp32"  # count_ptr: with COUNT_BLOCKS off the launchers pass the (fp32) lse buffer
 
 
 def _strides(*names):
@@ -62,14 +65,14 @@ def _kernel_config(cfg: dict, dt: str, head_dim: int, variant: str) -> KernelCon
         tail.update({"window_left": "i32", "window_right": "i32", "dropout_p": "fp32", "seed": "i64"})
         if kernel == "_attention_fwd_kernel":
             sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "lse_ptr": "*fp32", "kpm_ptr": "*u8",
-                   "count_ptr": "*i32", **_strides("q", "k", "v", "o"), **tail}
+                   "count_ptr": _COUNT, **_strides("q", "k", "v", "o"), **tail}
         elif kernel == "_attention_bwd_dkdv_kernel":
             sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "do_ptr": p, "lse2_ptr": "*fp32", "delta_ptr": "*fp32",
-                   "dk_ptr": p, "dv_ptr": p, "kpm_ptr": "*u8", "count_ptr": "*i32",
+                   "dk_ptr": p, "dv_ptr": p, "kpm_ptr": "*u8", "count_ptr": _COUNT,
                    **_strides("q", "k", "v", "do", "dk", "dv"), **tail}
         else:
             sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "do_ptr": p, "lse2_ptr": "*fp32", "delta_ptr": "*fp32",
-                   "dq_ptr": p, "kpm_ptr": "*u8", "count_ptr": "*i32",
+                   "dq_ptr": p, "kpm_ptr": "*u8", "count_ptr": _COUNT,
                    **_strides("q", "k", "v", "do", "dq"), **tail}
     sig.update({k: "constexpr" for k in const})
     aligned = {n: [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*") or n.startswith("stride_")}
@@ -135,3 +138,72 @@ def test_every_config_is_compiled():
         for kernel in kernels - {"_attention_bwd_preprocess_kernel"}:
             dts = {_dtype_for(c) for c in launch_configs() if c["arch"] == arch and c["kernel"] == kernel}
             assert {"fp16", "bf16"} <= dts, (arch, kernel, dts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The launchers run the variant compiled above
+# ----------------------------------------------------------------------------------------------
+# The compile check is only as good as its match with what runs: Triton's launcher compiles one
+# variant per specialisation of the arguments (an int divisible by 16, an int equal to 1, i32 or
+# i64, a 16-byte aligned pointer).  These tests record the launchers' arguments for awkward inputs
+# (head dim 40, odd lengths and strides, an unaligned start, sizes equal to 1 or divisible by 16,
+# small and large seeds) and compute their specialisation with Triton's own binder, as a GPU launch
+# would; it must be the compiled one: every pointer and stride aligned, nothing else specialised,
+# the types of the compiled signature.
+_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+            "_attention_bwd_dq_kernel")
+
+
+def _case(name):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if name == "d40 odd lengths ones":  # head dim 40, Nk = 37, one head, one query, seed 1, window (1, 1)
+        q, k, v = rnd(2, 1, 1, 40, dtype=torch.float16), rnd(2, 1, 37, 40, dtype=torch.float16), \
+            rnd(2, 1, 37, 40, dtype=torch.float16)
+        kpm = torch.zeros(2, 37, dtype=torch.bool)
+        return q, k, v, dict(left=1, right=1, key_padding_mask=kpm, dropout_p=0.1, seed=1)
+    if name == "packed qkv gqa":  # views into one (B, N, Hq + 2 Hkv, 64) projection: aligned, no copy
+        qkv = rnd(2, 48, 8, 64, dtype=torch.bfloat16)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([4, 2, 2], dim=2))
+        return q, k, v, dict(left=-1, right=0, key_padding_mask=None, dropout_p=0.0, seed=0)
+    if name == "d256 fp32 unaligned start":  # sizes divisible by 16, a start 4 bytes off, a 2**40 seed
+        buf = rnd(2 * 3 * 16 * 256 + 1, dtype=torch.float32)
+        q = buf[1:].view(2, 3, 16, 256)
+        return q, q, q, dict(left=16, right=-1, key_padding_mask=torch.ones(2, 16, dtype=torch.bool),
+                             dropout_p=0.2, seed=2**40)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("case", ["d40 odd lengths ones", "packed qkv gqa", "d256 fp32 unaligned start"])
+def test_launches_use_the_compiled_specialization(monkeypatch, case):
+    import torch
+
+    import leedl_fast.kernels.attention as A
+    from leedl_fast.kernels.attention import attention_bwd, attention_fwd, launch_configs
+
+    q, k, v, kw = _case(case)
+    launches = record_launches(monkeypatch, A, _KERNELS)
+    scale = q.shape[-1] ** -0.5
+    attention_fwd(q, k, v, scale=scale, **kw)
+    o, do = torch.randn_like(q), torch.randn_like(q)
+    lse = torch.zeros(q.shape[:3])
+    attention_bwd(do, q, k, v, o, lse, scale=scale, **kw)
+    assert [fn.fn.__name__ for fn, _, _ in launches] == list(_KERNELS)
+
+    dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[q.dtype]
+    for fn, args, kwargs in launches:
+        kernel = fn.fn.__name__
+        entry = next(c for c in launch_configs() if c["kernel"] == kernel)
+        compiled = _kernel_config(entry, dt, entry["block_d"], "dense" if "preprocess" in kernel else "band")
+        runtime = as_compiled(runtime_specialization(fn, args, kwargs))
+        expected = compiled_specialization(compiled)
+        if kw["key_padding_mask"] is None and "kpm_ptr" in runtime:  # unused: q's pointer stands in
+            expected["kpm_ptr"] = (runtime["q_ptr"][0], True)
+        assert runtime == expected, kernel
+        if case == "packed qkv gqa" and kernel == "_attention_fwd_kernel":  # aligned inputs are not copied
+            assert [a.data_ptr() for a in args[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
