@@ -42,17 +42,20 @@ import triton.language as tl
 
 # Largest row held in registers: at 16 warps, 16 fp32 values per thread and tensor.
 MAX_COLS = 8192
+# Ints that Triton's launcher must not specialise (divisible by 16, equal to 1): they only bound
+# masks and loops or key Philox (the seed is always i64), so one binary serves every value, the one tests/kernels compile-checks.
+RUNTIME_INTS = ["n_rows", "n_cols", "rows_per_program", "seed"]
 # The backward holds at most this many columns per block (longer rows loop over blocks).
 BWD_MAX_BLOCK = 4096
 # Philox offsets are int32 up to this many elements (tests lower it to check the int64 variant).
 OFFS_32_LIMIT = 2**31 - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _dropout_add_layer_norm_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
     stride_xm, stride_rm, stride_ym, stride_hm,
-    n_cols, eps, dropout_p, dropout_scale, seed,
+    n_cols, eps, dropout_p, dropout_scale, seed: tl.int64,
     BLOCK_C: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -129,11 +132,11 @@ def _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_d
     tl.store(dx_ptr + row * stride_dxm + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _dropout_add_layer_norm_bwd_kernel(
     dy_ptr, dhin_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr,
     stride_dym, stride_dhm, stride_hm, stride_dxm, stride_drm,
-    n_rows, n_cols, rows_per_program, dropout_p, dropout_scale, seed,
+    n_rows, n_cols, rows_per_program, dropout_p, dropout_scale, seed: tl.int64,
     BLOCK_C: tl.constexpr,
     LOOPED: tl.constexpr,
     HAS_DH_IN: tl.constexpr,

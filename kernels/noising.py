@@ -39,13 +39,17 @@ TARGETS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 
 BLOCK = 1024
 NUM_WARPS = 4  # 8 elements per thread: two 16-byte fp32 vectors
+# Ints that Triton's launcher must not specialise: they only bound loops and index the schedule, or
+# key Philox (the seed is always i64).  per_sample stays specialised: divisible by 16 it makes every
+# sample's start aligned and the loads 16-byte vectors; tests/kernels compile-checks both variants.
+RUNTIME_INTS = ["n_chunks", "n_timesteps", "seed"]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _noising_kernel(
     x_ptr, m_ptr, noise_ptr, out_ptr, eps_out_ptr,
     t_ptr, ac_ptr, coef_ptr, grad_ptr,
-    per_sample, n_chunks, n_timesteps, seed, clip_range, grad_scale,
+    per_sample, n_chunks, n_timesteps, seed: tl.int64, clip_range, grad_scale,
     MODE: tl.constexpr,
     NOISE: tl.constexpr,
     TARGET: tl.constexpr,

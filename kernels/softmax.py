@@ -25,9 +25,12 @@ LOG2E = 1.4426950408889634
 # Largest row kept entirely in registers.  At 16 warps (512 threads) this is
 # 32 fp32 values per thread for the forward pass and 64 for the backward.
 MAX_FUSED_COLS = 16384
+# Ints that Triton's launcher must not specialise (divisible by 16, equal to 1): they only bound
+# masks and loops, so one binary serves every value, the one tests/kernels compile-checks.
+RUNTIME_INTS = ["n_cols"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _softmax_fwd_kernel(
     x_ptr, y_ptr,
     stride_xm, stride_ym,
@@ -69,7 +72,7 @@ def _softmax_fwd_kernel(
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _softmax_bwd_kernel(
     y_ptr, dy_ptr, dx_ptr,
     stride_ym, stride_dym, stride_dxm,

@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,11 +119,35 @@ def runtime_specialization(fn, args, kwargs) -> dict:
     return {p.name: s for p, s in zip(jit.params, spec) if not p.is_constexpr}
 
 
-def compiled_specialization(cfg: KernelConfig) -> dict:
-    """name -> (type, whether tt.divisibility 16) of every non-constexpr argument ``cfg`` compiles."""
-    return {n: (t, n in cfg.attrs) for n, t in cfg.signature.items() if t != "constexpr"}
+def specialized(cfg: KernelConfig, *, strides_aligned: bool = True, extra=()) -> KernelConfig:
+    """``cfg`` compiled as Triton's launcher specialises a launch whose pointers are all 16-byte
+    aligned and, with ``strides_aligned``, whose ``stride_*`` arguments and the ints named in
+    ``extra`` are multiples of 16 (tt.divisibility 16); otherwise those compile unspecialised."""
+    attrs = {n: [["tt.divisibility", 16]] for n, t in cfg.signature.items()
+             if t.startswith("*") or (strides_aligned and (n.startswith("stride_") or n in extra))}
+    return replace(cfg, attrs=attrs, label=cfg.label + ("" if strides_aligned else " unaligned-strides"))
 
 
-def as_compiled(runtime: dict) -> dict:
-    """A runtime_specialization in compiled_specialization's form."""
-    return {n: (t, a == "D") for n, (t, a) in runtime.items()}
+def variants(cfg: KernelConfig, unaligned: bool) -> list[KernelConfig]:
+    """``cfg`` specialized with aligned strides, and with unaligned ones too when ``unaligned``."""
+    return [specialized(cfg)] + ([specialized(cfg, strides_aligned=False)] if unaligned else [])
+
+
+def _key(spec: dict) -> tuple:
+    # (name, type, 16-aligned) per argument; a pointer's element type is left out: the compile
+    # checks cover the dtypes by their own lists, this compares the specialisation.
+    return tuple(sorted((n, "*" if t.startswith("*") else t, bool(a)) for n, (t, a) in spec.items()))
+
+
+def assert_launches_compiled(launches: list, configs: list[KernelConfig]) -> None:
+    """Every launch recorded by record_launches specialises as one of ``configs`` of its kernel."""
+    compiled = {}
+    for c in configs:
+        compiled.setdefault(c.kernel, set()).add(
+            _key({n: (t, n in c.attrs) for n, t in c.signature.items() if t != "constexpr"}))
+    assert launches
+    for fn, args, kwargs in launches:
+        runtime = _key({n: (t, a == "D") for n, (t, a) in runtime_specialization(fn, args, kwargs).items()})
+        options = compiled.get(fn.fn.__name__, set())
+        assert runtime in options, (f"{fn.fn.__name__} launches a variant no compile check covers:\n  {runtime}\n"
+                                    f"compiled:\n  " + "\n  ".join(map(str, options)))

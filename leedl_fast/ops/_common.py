@@ -63,9 +63,31 @@ def seed_int(seed: Optional[torch.Tensor]) -> int:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, C) view of ``t`` over its last dim, copied only if its columns are not unit-stride (row
-    strides are passed to the kernels)."""
-    rows = t.reshape(-1, t.shape[-1])
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
+    """(rows, C) view of ``t`` over its last dim, as the row kernels take it (they are passed its row
+    stride): unit column stride, a 16-byte aligned start, and a row stride that is a multiple of 16
+    exactly when C is, as in the fresh contiguous outputs the kernels write.  Triton compiles one
+    variant per alignment of pointers and strides; with this rule a launch is one of the two the
+    compile checks cover (everything aligned, or aligned pointers and odd strides).  Anything else,
+    such as a view at an odd offset into wider rows, is copied into a contiguous tensor."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
+    n_cols = rows.shape[1]
+    if n_cols > 1 and rows.stride(1) != 1:
+        return rows.contiguous()
+    if rows.data_ptr() % 16 or (rows.stride(0) % 16 == 0) != (n_cols % 16 == 0):
+        return rows.clone(memory_format=torch.contiguous_format)  # also when already contiguous
     return rows
+
+
+def as_dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` contiguous with a 16-byte aligned start, the flat layout the elementwise kernels take in
+    the variant their compile checks cover (a copy otherwise); None stays None."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def as_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-column parameter (C,) as the row kernels take it: contiguous, 16-byte aligned start
+    (a copy otherwise, as ``as_rows``); None stays None."""
+    return None if t is None else as_rows(t)[0]

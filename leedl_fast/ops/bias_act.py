@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..random import philox_keep, philox_uniform
-from ._common import as_rows, check_dropout, check_tensor, dropout_seed, seed_int
+from ._common import as_rows, as_vector, check_dropout, check_tensor, dropout_seed, seed_int
 
 __all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
 
@@ -168,7 +168,7 @@ def _bias_act_fwd_op(x: torch.Tensor, bias: Optional[torch.Tensor], seed: Option
     from leedl_fast.kernels.bias_act import ACTIVATIONS as codes, bias_act_fwd
 
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    bias_act_fwd(as_rows(x), None if bias is None else bias.contiguous(), y.view(-1, x.shape[-1]),
+    bias_act_fwd(as_rows(x), as_vector(bias), y.view(-1, x.shape[-1]),
                  activation=codes[activation], dropout_p=dropout_p, seed=seed_int(seed))
     return y
 
@@ -186,7 +186,7 @@ def _bias_act_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Ten
     from leedl_fast.kernels.bias_act import ACTIVATIONS as codes, bias_act_bwd
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dbias = bias_act_bwd(as_rows(dy), as_rows(x), None if bias is None else bias.contiguous(),
+    dbias = bias_act_bwd(as_rows(dy), as_rows(x), as_vector(bias),
                          dx.view(-1, x.shape[-1]), activation=codes[activation], dropout_p=dropout_p,
                          seed=seed_int(seed))
     return dx, (x.new_empty((0,)) if bias is None else dbias.to(bias.dtype))

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..random import philox_keep
-from ._common import as_rows, check_dropout, check_same, check_tensor, dropout_seed, seed_int
+from ._common import as_rows, as_vector, check_dropout, check_same, check_tensor, dropout_seed, seed_int
 
 __all__ = ["dropout_add_layer_norm", "dropout_add_layer_norm_reference"]
 
@@ -187,7 +187,7 @@ def _fwd_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[
     from leedl_fast.kernels.layer_norm import dropout_add_layer_norm_fwd
 
     y, h, mean, rstd = dropout_add_layer_norm_fwd(
-        as_rows(x), None if residual is None else as_rows(residual), weight, bias,
+        as_rows(x), None if residual is None else as_rows(residual), as_vector(weight), as_vector(bias),
         eps=eps, dropout_p=dropout_p, seed=seed_int(seed), store_h=store_h)
     h = h.view(x.shape) if h is not None else x.new_empty(0)
     return y.view(x.shape), h, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
@@ -209,7 +209,8 @@ def _bwd_op(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, weigh
     from leedl_fast.kernels.layer_norm import dropout_add_layer_norm_bwd
 
     dx, dres, dw, db = dropout_add_layer_norm_bwd(
-        as_rows(dy), None if dh is None else as_rows(dh), as_rows(h), weight, mean.reshape(-1), rstd.reshape(-1),
+        as_rows(dy), None if dh is None else as_rows(dh), as_rows(h), as_vector(weight), as_vector(mean.reshape(-1)),
+        as_vector(rstd.reshape(-1)),
         dropout_p=dropout_p, seed=seed_int(seed), has_residual=has_residual, has_bias=has_bias)
     # Absent outputs are distinct empty tensors (custom-op outputs may not alias one another).
     return (dx.view(h.shape), h.new_empty(0) if dres is None else dres.view(h.shape),

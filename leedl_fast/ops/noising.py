@@ -32,7 +32,7 @@ import torch
 
 from .. import backend
 from ..random import MAX_SEED, philox_normal
-from ._common import check_tensor
+from ._common import as_dense, check_tensor
 
 __all__ = [
     "q_sample", "q_sample_reference",
@@ -163,7 +163,7 @@ def _q_sample_op(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
     from leedl_fast.kernels.noising import q_sample_fwd
 
     out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    q_sample_fwd(x0.contiguous(), t.contiguous(), alphas_cumprod.contiguous(), noise.contiguous(), 0, out, None)
+    q_sample_fwd(as_dense(x0), as_dense(t), as_dense(alphas_cumprod), as_dense(noise), 0, out, None)
     return out
 
 
@@ -182,7 +182,7 @@ def _q_sample_seeded_op(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch
 
     out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     eps = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    q_sample_fwd(x0.contiguous(), t.contiguous(), alphas_cumprod.contiguous(), None, seed, out, eps)
+    q_sample_fwd(as_dense(x0), as_dense(t), as_dense(alphas_cumprod), None, seed, out, eps)
     return out, eps
 
 
@@ -301,8 +301,8 @@ def _loss_op(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumpr
         return ((d * d).sum() / d.numel()).to(_loss_dtype(pred, x0))
     from leedl_fast.kernels.noising import loss_fwd
 
-    total = loss_fwd(pred.contiguous(), x0.contiguous(), t.contiguous(), alphas_cumprod.contiguous(),
-                     None if noise is None else noise.contiguous(), seed, target)
+    total = loss_fwd(as_dense(pred), as_dense(x0), as_dense(t), as_dense(alphas_cumprod),
+                     as_dense(noise), seed, target)
     return total / x0.numel()
 
 
@@ -321,8 +321,8 @@ def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, 
     from leedl_fast.kernels.noising import loss_bwd
 
     out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-    loss_bwd(grad.reshape(1).to(torch.float32).contiguous(), pred.contiguous(), x0.contiguous(), t.contiguous(),
-             alphas_cumprod.contiguous(), None if noise is None else noise.contiguous(), seed, target,
+    loss_bwd(as_dense(grad.reshape(1).to(torch.float32)), as_dense(pred), as_dense(x0), as_dense(t),
+             as_dense(alphas_cumprod), as_dense(noise), seed, target,
              2.0 / x0.numel(), out)
     return out
 
@@ -464,8 +464,8 @@ def _step_op(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, 
     from leedl_fast.kernels.noising import step_fwd
 
     out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
-    step_fwd(model_output.contiguous(), x_t.contiguous(), coef.to(torch.float32).contiguous(),
-             None if noise is None else noise.contiguous(), seed, add_noise, clip_range, out)
+    step_fwd(as_dense(model_output), as_dense(x_t), as_dense(coef.to(torch.float32)),
+             as_dense(noise), seed, add_noise, clip_range, out)
     return out
 
 

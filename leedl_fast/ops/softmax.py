@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend
-from ._common import check_dim, check_tensor
+from ._common import as_rows, check_dim, check_tensor
 
 __all__ = ["softmax", "softmax_reference"]
 
@@ -33,12 +33,8 @@ def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x`` with ``dim`` moved last, as a 2-D (rows, n) tensor with unit column stride."""
-    x = x.movedim(dim, -1)
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
+    """``x`` with ``dim`` moved last, as the (rows, n) tensor ``as_rows`` gives the kernels."""
+    return as_rows(x.movedim(dim, -1) if x.dim() > 0 else x)
 
 
 def _empty_result(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

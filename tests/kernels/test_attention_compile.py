@@ -23,8 +23,7 @@ the kernels compile to other code, which at head dim 256 spills.
 """
 import pytest
 
-from tests.aot import (KernelConfig, as_compiled, compile_many, compiled_specialization, record_launches,
-                       runtime_specialization)
+from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, specialized
 
 pytest.importorskip("triton")
 
@@ -75,9 +74,8 @@ def _kernel_config(cfg: dict, dt: str, head_dim: int, variant: str) -> KernelCon
                    "dq_ptr": p, "kpm_ptr": "*u8", "count_ptr": _COUNT,
                    **_strides("q", "k", "v", "do", "dq"), **tail}
     sig.update({k: "constexpr" for k in const})
-    aligned = {n: [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*") or n.startswith("stride_")}
-    return KernelConfig(MOD, kernel, sig, const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], label=label,
-                        attrs=aligned)
+    return specialized(KernelConfig(MOD, kernel, sig, const, num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"], label=label))
 
 
 def _dtype_for(cfg: dict) -> str:
@@ -184,7 +182,7 @@ def test_launches_use_the_compiled_specialization(monkeypatch, case):
     import torch
 
     import leedl_fast.kernels.attention as A
-    from leedl_fast.kernels.attention import attention_bwd, attention_fwd, launch_configs
+    from leedl_fast.kernels.attention import attention_bwd, attention_fwd
 
     q, k, v, kw = _case(case)
     launches = record_launches(monkeypatch, A, _KERNELS)
@@ -195,15 +193,7 @@ def test_launches_use_the_compiled_specialization(monkeypatch, case):
     attention_bwd(do, q, k, v, o, lse, scale=scale, **kw)
     assert [fn.fn.__name__ for fn, _, _ in launches] == list(_KERNELS)
 
-    dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[q.dtype]
-    for fn, args, kwargs in launches:
-        kernel = fn.fn.__name__
-        entry = next(c for c in launch_configs() if c["kernel"] == kernel)
-        compiled = _kernel_config(entry, dt, entry["block_d"], "dense" if "preprocess" in kernel else "band")
-        runtime = as_compiled(runtime_specialization(fn, args, kwargs))
-        expected = compiled_specialization(compiled)
-        if kw["key_padding_mask"] is None and "kpm_ptr" in runtime:  # unused: q's pointer stands in
-            expected["kpm_ptr"] = (runtime["q_ptr"][0], True)
-        assert runtime == expected, kernel
-        if case == "packed qkv gqa" and kernel == "_attention_fwd_kernel":  # aligned inputs are not copied
-            assert [a.data_ptr() for a in args[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
+    assert_launches_compiled(launches, _configs("sm80") + _configs("sm90"))
+    if case == "packed qkv gqa":  # aligned inputs are not copied
+        args = launches[0][1]
+        assert [a.data_ptr() for a in args[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]

@@ -5,11 +5,14 @@ columns) times each activation, bias or not, dropout or not, fp16 / bf16 / fp32 
 combinations, too many to compile in CI.  Compiled here, forward and backward: every activation
 with bias and dropout in bf16 at the Transformer's width (the heaviest variants: Philox plus the
 activation and its derivative), and a sample in which every tile shape, flag value and dtype
-appears at least once.
+appears at least once.  Each is compiled as Triton specialises a launch on rows whose width is a
+multiple of 16 (every pointer and stride 16-aligned), and three (odd widths 5 and 30, and gelu_tanh,
+the most registers, at 4096) also with unaligned strides; the last test checks with Triton's own
+binder that the op's launches specialise as one of these.
 """
 import pytest
 
-from tests.aot import KernelConfig, compile_many
+from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
 
 pytest.importorskip("triton")
 
@@ -57,10 +60,11 @@ def _configs():
         const = {"ACT": ACTIVATIONS[act], "HAS_BIAS": has_bias, "HAS_DROPOUT": has_dropout,
                  "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
         tag = f"C={n_cols} {act} bias={has_bias} dropout={has_dropout} {dt}"
-        out.append(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_fwd_kernel", _fwd_signature(dt), const,
-                                num_warps=cfg["num_warps"], label=f"fwd {tag}"))
-        out.append(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_bwd_kernel", _bwd_signature(dt), const,
-                                num_warps=cfg["num_warps"], label=f"bwd {tag}"))
+        odd = (n_cols, act) in ((5, "relu"), (30, "gelu"), (4096, "gelu_tanh"))
+        out += variants(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_fwd_kernel", _fwd_signature(dt), const,
+                                     num_warps=cfg["num_warps"], label=f"fwd {tag}"), unaligned=odd)
+        out += variants(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_bwd_kernel", _bwd_signature(dt), const,
+                                     num_warps=cfg["num_warps"], label=f"bwd {tag}"), unaligned=odd)
     return out
 
 
@@ -83,3 +87,26 @@ def test_compiles_without_spills(reports):
         assert r.ok, str(r)
         assert r.local_ld_st == 0, f"register spills: {r}"
         assert 0 < r.registers <= 128, str(r)  # an elementwise kernel: leave room for occupancy
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 1000), "float32"), ((2, 4096), "bfloat16"), ((4, 30), "float16")])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_launches_use_a_compiled_specialization(monkeypatch, triton_path, shape, dtype, dropout_p):
+    """Through the op, forward and backward, on contiguous rows and on views at odd offsets (which
+    ``as_rows`` copies), with and without bias; small and large seeds."""
+    import torch
+
+    import leedl_fast.kernels.bias_act as K
+    from leedl_fast.ops import bias_act_dropout
+
+    launches = record_launches(monkeypatch, K, ("_bias_act_fwd_kernel", "_bias_act_bwd_kernel"))
+    dt, c = getattr(torch, dtype), shape[-1]
+    wide = torch.randn(*shape[:-1], c + 7, device=triton_path).to(dt)
+    params = torch.randn(c + 3, device=triton_path).to(dt)
+    for offset, seed, with_bias in ((0, 1, True), (3, 2**40, True), (0, 16, False)):
+        x = wide[..., offset:offset + c].detach().requires_grad_(True)
+        b = params[offset:offset + c].detach().requires_grad_(True) if with_bias else None
+        y = bias_act_dropout(x, b, activation="gelu", dropout_p=dropout_p, seed=seed)
+        y.backward(torch.ones_like(y))
+    assert len(launches) == 6
+    assert_launches_compiled(launches, _configs())

@@ -3,11 +3,13 @@
 The configurations with every option on (residual, weight, bias, dropout, stored h / incoming h
 gradient) carry the most live registers; the all-off ones are the smallest.  Row widths from one
 small block to the 8192-wide forward and the looped backward, both Philox offset widths, fp16,
-bf16 and fp32.
+bf16 and fp32.  Each is compiled as Triton specialises a launch on rows whose width is a multiple of
+16 (every pointer and stride 16-aligned), some also with unaligned strides (other widths); the last
+test checks with Triton's own binder that the op's launches specialise as one of these.
 """
 import pytest
 
-from tests.aot import KernelConfig, compile_many
+from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
 
 pytest.importorskip("triton")
 
@@ -47,13 +49,19 @@ def _bwd(n_cols, dt, on, offs_64):
 
 def _configs():
     # fp16 has bf16's register profile; it is compiled at two widths to keep this test short.
-    out = []
+    specs = []  # (n_cols, dtype, every option on, int64 offsets)
     for n_cols in _WIDTHS:
         for dt in ("fp32", "bf16") + (("fp16",) if n_cols in (1024, 8192) else ()):
-            out += [_fwd(n_cols, dt, True, False), _bwd(n_cols, dt, True, False)]
-    for n_cols in (80, 8192):  # every option off: the smallest variants
-        out += [_fwd(n_cols, "bf16", False, False), _bwd(n_cols, "bf16", False, False)]
-    out += [_fwd(8192, "bf16", True, True), _bwd(8192, "bf16", True, True)]  # int64 Philox offsets
+            specs.append((n_cols, dt, True, False))
+    specs += [(80, "bf16", False, False), (8192, "bf16", False, False)]  # every option off: the smallest variants
+    specs.append((8192, "bf16", True, True))  # int64 Philox offsets
+    out = []
+    for n_cols, dt, on, offs_64 in specs:
+        # Rows whose width is not a multiple of 16 have unaligned strides: compiled at the widest rows,
+        # every option on (the most live registers).
+        odd = on and not offs_64 and n_cols == 8192 and dt != "fp16"
+        out += variants(_fwd(n_cols, dt, on, offs_64), unaligned=odd)
+        out += variants(_bwd(n_cols, dt, on, offs_64), unaligned=odd)
     return out
 
 
@@ -78,3 +86,29 @@ def test_compiles_without_spills(reports):
         assert r.ok, str(r)
         assert r.local_ld_st == 0, f"register spills: {r}"
         assert 0 < r.registers <= 255, str(r)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 1000), "float32"), ((2, 1024), "bfloat16"), ((4, 80), "float16")])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_launches_use_a_compiled_specialization(monkeypatch, triton_path, shape, dtype, dropout_p):
+    """Through the op, forward and backward, with the residual, weight and bias as contiguous rows and
+    as views at odd offsets (which ``as_rows`` copies); small and large seeds."""
+    import torch
+
+    import leedl_fast.kernels.layer_norm as L
+    from leedl_fast.ops import dropout_add_layer_norm
+
+    launches = record_launches(monkeypatch, L, ("_dropout_add_layer_norm_fwd_kernel",
+                                                "_dropout_add_layer_norm_bwd_kernel"))
+    dt, c = getattr(torch, dtype), shape[-1]
+    wide = torch.randn(*shape[:-1], c + 7, device=triton_path).to(dt)
+    params = torch.randn(2 * c + 3, device=triton_path).to(dt)
+    for offset, seed in ((0, 1), (3, 2**40)):
+        x = wide[..., offset:offset + c].detach().requires_grad_(True)
+        res = wide[..., offset:offset + c].detach().requires_grad_(True)
+        w = params[offset:offset + c].detach().requires_grad_(True)
+        b = params[offset + c:offset + 2 * c].detach().requires_grad_(True)
+        y = dropout_add_layer_norm(x, res, w, b, dropout_p=dropout_p, seed=seed)
+        y.backward(torch.ones_like(y))
+    assert len(launches) == 4
+    assert_launches_compiled(launches, _configs())

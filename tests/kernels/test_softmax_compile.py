@@ -1,7 +1,13 @@
-"""Every shipped softmax configuration compiles for sm_80 and sm_90 without spilling."""
+"""Every shipped softmax configuration compiles for sm_80 and sm_90 without spilling.
+
+Each is compiled as Triton specialises a launch on rows whose width is a multiple of 16 (every
+pointer and stride 16-aligned); the widest one-pass rows and the looped rows, which hold the most
+registers, are compiled with unaligned strides (other widths) too.  The last test checks, with
+Triton's own binder, that the launchers' arguments specialise as one of these.
+"""
 import pytest
 
-from tests.aot import KernelConfig, compile_many
+from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
 
 pytest.importorskip("triton")
 
@@ -12,6 +18,7 @@ def _configs():
     from leedl_fast.kernels.softmax import MAX_FUSED_COLS, launch_config
 
     out = []
+    odd_widths = (MAX_FUSED_COLS, MAX_FUSED_COLS + 1)  # the most registers: the widest one-pass rows; looped
     for n_cols in (64, 1000, 4096, MAX_FUSED_COLS, MAX_FUSED_COLS + 1):
         for dt in ("fp32", "bf16"):
             fwd = launch_config(n_cols)
@@ -21,6 +28,7 @@ def _configs():
                  "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
                 {"BLOCK_N": fwd["BLOCK_N"], "ONE_PASS": fwd["ONE_PASS"]}, num_warps=fwd["num_warps"],
                 label=f"fwd n={n_cols} {dt}"))
+            out += variants(out.pop(), unaligned=n_cols in odd_widths)
             bwd = launch_config(n_cols, backward=True)
             out.append(KernelConfig(
                 "leedl_fast.kernels.softmax", "_softmax_bwd_kernel",
@@ -28,6 +36,7 @@ def _configs():
                  "stride_dxm": "i32", "n_cols": "i32", "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
                 {"BLOCK_N": bwd["BLOCK_N"], "ONE_PASS": bwd["ONE_PASS"]}, num_warps=bwd["num_warps"],
                 label=f"bwd n={n_cols} {dt}"))
+            out += variants(out.pop(), unaligned=n_cols in odd_widths)
     return out
 
 
@@ -42,3 +51,22 @@ def test_compiles_without_spills(reports):
         assert r.ok, str(r)
         assert r.local_ld_st == 0, f"register spills: {r}"
         assert 0 < r.registers <= 255, str(r)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 1000), "float32"), ((1, 1024), "bfloat16"), ((2, 16385), "float32"),
+                                         ((5, 2, 48), "float16")])
+def test_launches_use_a_compiled_specialization(monkeypatch, triton_path, shape, dtype):
+    """Through the op, forward and backward, on contiguous rows and on views at odd offsets into
+    wider rows (which ``as_rows`` copies)."""
+    import torch
+
+    import leedl_fast.kernels.softmax as S
+    from leedl_fast.ops import softmax
+
+    launches = record_launches(monkeypatch, S, ("_softmax_fwd_kernel", "_softmax_bwd_kernel"))
+    wide = torch.randn(*shape[:-1], shape[-1] + 7, device=triton_path).to(getattr(torch, dtype))
+    for x in (wide[..., :shape[-1]].contiguous(), wide[..., 3:3 + shape[-1]], wide[..., :shape[-1]]):
+        x.requires_grad_(True)
+        softmax(x, dim=-1).backward(torch.ones_like(x))
+    assert len(launches) == 6
+    assert_launches_compiled(launches, _configs())

@@ -117,7 +117,9 @@ def test_non_contiguous_inputs(any_path):
     b = torch.randn(12, dtype=torch.float64)[::2]    # (6,), stride 2
     xp = base.permute(2, 0, 1)                       # (3, 6, 40), permuted
     bp = torch.randn(40, dtype=torch.float64)
-    for xx, bb in ((x, b), (xp, bp)):
+    xo = torch.randn(5, 37, dtype=torch.float64)[:, 3:33]  # (5, 30) at an odd offset into wider rows
+    bo = torch.randn(40, dtype=torch.float64)[1:31]      # (30,) at an odd offset
+    for xx, bb in ((x, b), (xp, bp), (xo, bo)):
         dy = torch.randn(xx.shape[-1], dtype=torch.float64).expand(xx.shape)  # stride-0 gradient
         ref = _reference(xx, bb, dy, "gelu", 0.3)
         got = _run(bias_act_dropout, xx.float(), bb.float(), dy.float(), any_path, "gelu", 0.3)

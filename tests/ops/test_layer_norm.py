@@ -107,6 +107,11 @@ def test_noncontiguous_inputs(any_path):
     x = torch.randn(40, 6, dtype=torch.float64)[::2].t()  # (6, 20), strided both ways
     y = dropout_add_layer_norm(x.float().to(any_path))
     assert_close(y, dropout_add_layer_norm_reference(x), dtype=torch.float32)
+    # Rows at an odd offset into wider rows, affine parameters at odd offsets.
+    x, r = (torch.randn(5, 37, dtype=torch.float64)[:, 3:33] for _ in range(2))
+    w, b = (torch.randn(40, dtype=torch.float64)[1:31] for _ in range(2))
+    y = dropout_add_layer_norm(*(t.float().to(any_path) for t in (x, r, w, b)))
+    assert_close(y, dropout_add_layer_norm_reference(x, r, w, b), dtype=torch.float32)
 
 
 def test_p0_is_layer_norm_of_sum(torch_path):
