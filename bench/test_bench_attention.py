@@ -28,15 +28,13 @@ import pathlib
 import subprocess
 import sys
 
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from leedl_fast.bench.cases.attention import band_mask
+from leedl_fast.bench.common import alternating_ratio
 from leedl_fast.ops import attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,27 +114,13 @@ def test_fwd_bwd_ratio_vs_sdpa(benchmark, case):
     """The issue's CPU requirement: forward + backward of the torch path <= 1.2x SDPA's, same inputs.
     Ours and SDPA alternate (which goes first alternates too); the median of 12 per-pair ratios."""
     ours, sdpa, do, leaves = _fwd_bwd_pair(case)
-    for _ in range(2):
-        _step(ours, do, leaves)
-        _step(sdpa, do, leaves)
-    ratios, t_ours, t_sdpa = [], [], []
-    for r in range(12):
-        times = {}
-        for name, fn in ((("ours", ours), ("sdpa", sdpa)) if r % 2 == 0 else (("sdpa", sdpa), ("ours", ours))):
-            t0 = time.perf_counter()
-            _step(fn, do, leaves)
-            times[name] = time.perf_counter() - t0
-        ratios.append(times["ours"] / times["sdpa"])
-        t_ours.append(times["ours"])
-        t_sdpa.append(times["sdpa"])
-    ratio = statistics.median(ratios)
+    timing = alternating_ratio(lambda: _step(ours, do, leaves), lambda: _step(sdpa, do, leaves))
     benchmark.group = "attention fwd+bwd ratio ours / sdpa (median of alternating pairs)"
-    benchmark.extra_info.update(case=case, ratio=ratio, ratios=ratios, ours_s=t_ours, sdpa_s=t_sdpa,
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(case=case, ratio=timing.ratio, ratios=timing.ratios, ours_s=timing.ours_s,
+                                sdpa_s=timing.peer_s, threads=torch.get_num_threads())
     benchmark.pedantic(lambda: _step(ours, do, leaves), rounds=1, warmup_rounds=0)
-    print(f"\n{case}: ours / sdpa = {ratio:.2f} (median of 12 pairs; ours {statistics.median(t_ours) * 1e3:.0f} ms, "
-          f"sdpa {statistics.median(t_sdpa) * 1e3:.0f} ms)")
-    assert ratio <= 1.2, f"{case}: ours / sdpa = {ratio:.2f} > 1.2 (pairs: {[round(x, 2) for x in ratios]})"
+    print(f"\n{case}: {timing}")
+    assert timing.ratio <= 1.2, f"{case}: {timing} > 1.2 (pairs: {[round(x, 2) for x in timing.ratios]})"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -42,3 +42,43 @@ class CheckResult:
     tol: float
     ok: bool
     error: str = ""                           # exception text when the check could not run
+
+
+@dataclass
+class PairedTiming:
+    """``ours`` and ``peer`` timed call by call in alternation (see :func:`alternating_ratio`)."""
+
+    ratio: float                              # median of the per-pair ratios ours / peer
+    ratios: list[float]
+    ours_s: list[float]
+    peer_s: list[float]
+
+    def __str__(self) -> str:
+        import statistics
+
+        return (f"ours / peer = {self.ratio:.2f} (median of {len(self.ratios)} alternating pairs; ours "
+                f"{statistics.median(self.ours_s) * 1e3:.0f} ms, peer {statistics.median(self.peer_s) * 1e3:.0f} ms)")
+
+
+def alternating_ratio(ours: Callable[[], Any], peer: Callable[[], Any], *, pairs: int = 12,
+                      warmup: int = 2) -> PairedTiming:
+    """Time ``ours`` and ``peer`` (each one full step, synchronous: CPU) in ``pairs`` adjacent pairs,
+    alternating which goes first, after ``warmup`` untimed pairs; the ratio is the median of the per-pair
+    ratios.  On a shared machine whose load drifts by tens of percent over seconds, adjacent calls share
+    the load, so this compares two implementations far more reliably than two sequential timing runs."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        ours(), peer()
+    ratios, t_ours, t_peer = [], [], []
+    for r in range(pairs):
+        times = {}
+        for name, fn in (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours)):
+            t0 = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t0
+        ratios.append(times["ours"] / times["peer"])
+        t_ours.append(times["ours"])
+        t_peer.append(times["peer"])
+    return PairedTiming(statistics.median(ratios), ratios, t_ours, t_peer)
