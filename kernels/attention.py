@@ -628,8 +628,8 @@ _CONFIGS_DROPOUT = {
 _CONFIGS_FP32 = {
     "_attention_fwd_kernel": (32, 16, 8, 2),
     "_attention_bwd_dkdv_kernel": (16, 16, 8, 2),
-    "_attention_bwd_dq_kernel": (32, 16, 8, 2),
-}
+    "_attention_bwd_dq_kernel": (16, 16, 8, 2),  # (32, 16, 8, 2) needs 112 KiB of shared memory at D=256: no
+}                                               # launch on sm_86/sm_89 (99 KiB per block)
 # (head-dim group, arch) where the dK/dV kernel accumulates dV and dK in two passes over the
 # band (SPLIT_DKDV) for fp16/bf16: on sm_90 at head dim 256 the two [BLOCK_N, 256] fp32
 # accumulators of one pass spilled at every tile that keeps HGMMA (BLOCK_N >= 64 at 8 warps);

@@ -44,6 +44,12 @@ class KernelConfig:
                                               "label", "attrs")}
 
 
+# Shared memory one block may use (opt-in maximum), by the compile target's GPU class: sm_80 code also runs
+# on sm_86 and sm_89 (RTX 30xx/40xx, A10, L4, L40), whose 99 KiB is the binding limit (A100: 163 KiB);
+# sm_90 (H100/H200): 227 KiB.  A configuration over it fails to launch with OutOfResources on those GPUs.
+SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
+
+
 @dataclass
 class Report:
     label: str

@@ -11,7 +11,8 @@ dropout_p > 0 is compiled without dropout, the replacement with it.  To keep CI 
 reasonable each fp16/bf16 entry is compiled in one of the two 16-bit dtypes, alternating over
 head-dim groups and targets so that both dtypes are compiled for every kernel on every target.
 fp16/bf16 must show HMMA on sm_80 and HGMMA on sm_90; fp32 (TF32 products) HMMA on sm_80.
-Zero spills everywhere.
+Zero spills everywhere, and shared memory within what one block may use on every GPU of the
+target's class (tests/aot.py: SHARED_LIMIT; sm_80 code also runs on sm_86/sm_89 with 99 KiB).
 
 Each entry is compiled with the specialization Triton's launcher gives every launch: every
 pointer 16-byte aligned and every stride a multiple of 16 (tt.divisibility 16, as
@@ -23,7 +24,7 @@ the kernels compile to other code, which at head dim 256 spills.
 """
 import pytest
 
-from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, specialized
+from tests.aot import SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, record_launches, specialized
 
 pytest.importorskip("triton")
 
@@ -116,6 +117,8 @@ def test_compiles_without_spills(arch, chunk):
             problems.append(f"registers: {r}")
         elif r.local_ld_st != 0:
             problems.append(f"register spills: {r}")
+        elif r.shared > SHARED_LIMIT[cc]:
+            problems.append(f"shared memory over {SHARED_LIMIT[cc]} B: {r}")
         elif uses_dot and cc == 80 and r.hmma == 0:
             problems.append(f"no HMMA: {r}")
         elif uses_dot and cc == 90 and sixteen and r.hgmma == 0:

@@ -17,7 +17,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, specialized
+from tests.aot import SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, record_launches, specialized
 
 _DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -96,6 +96,7 @@ def test_compiles_without_spills(reports):
         allowed = baseline[r.cc] if r.label.removesuffix(" odd per_sample") in draws else 0
         assert r.local_ld_st == allowed, f"local memory beyond tl.randn's own ({allowed}): {r}"
         assert 0 < r.registers <= 128, str(r)  # an elementwise kernel: leave room for occupancy
+        assert r.shared <= SHARED_LIMIT[r.cc], f"shared memory over {SHARED_LIMIT[r.cc]} B: {r}"
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 3, 5, 7), "float32"), ((2, 1, 8, 8), "bfloat16"), ((4, 48), "float16")])

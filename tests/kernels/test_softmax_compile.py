@@ -7,7 +7,7 @@ Triton's own binder, that the launchers' arguments specialise as one of these.
 """
 import pytest
 
-from tests.aot import KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
+from tests.aot import SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
 
 pytest.importorskip("triton")
 
@@ -50,6 +50,7 @@ def test_compiles_without_spills(reports):
     for r in reports:
         assert r.ok, str(r)
         assert r.local_ld_st == 0, f"register spills: {r}"
+        assert r.shared <= SHARED_LIMIT[r.cc], f"shared memory over {SHARED_LIMIT[r.cc]} B: {r}"
         assert 0 < r.registers <= 255, str(r)
 
 
