@@ -18,9 +18,12 @@ Which path a call takes:
   float, or ``is_causal=True``) and/or the module's ``window``: the fused op
   ``leedl_fast.ops.attention`` (Triton on CUDA, ATen's fused CPU kernels
   otherwise), dropout included (Philox keyed by a seed drawn from torch's
-  generator).  No (L, S) weight matrix is formed.
-* ``need_weights=True``: a dense reference computation that forms the
-  (B, H, L, S) weights; it costs O(B * H * L * S) time and memory (what torch's
+  generator).  No (L, S) weight matrix is formed.  On the PyTorch backend, plain
+  attention, square causal attention and padded (not causal) attention go to
+  torch's ``scaled_dot_product_attention`` instead, as torch.nn does
+  (``torch_sdpa_computes``).
+* ``need_weights=True``: a dense computation that forms the (B, H, L, S) weights
+  as torch's module does; it costs O(B * H * L * S) time and memory (what torch's
   module costs on that path) and is differentiable through the weights.
 * An arbitrary ``attn_mask`` (not causal, not all-False), a float padding mask with
   values other than 0 / -inf, ``add_bias_kv`` / ``add_zero_attn`` combined with a
@@ -28,8 +31,13 @@ Which path a call takes:
   computation, with a one-time warning.
 
 Differences from torch: a query row that sees no key returns zeros (torch
-returns NaN); dropout draws its mask from the Philox stream (the op's), so with
-dropout the result equals torch's in distribution, not bit for bit.  With
+returns NaN).  Dropout: on the PyTorch backend (CPU) the mask is torch's own,
+drawn as torch.nn draws it, so for the same torch seed the calls that go to SDPA
+give torch.nn's result on both paths (the others, such as a window, go to the
+op, whose PyTorch path draws the Triton kernel's Philox mask); on the
+Triton backend it is the kernel's Philox stream, which the weights path
+reproduces, so the two paths compute the same function for the same seed, equal
+to torch's in distribution.  With
 ``add_bias_kv`` / ``add_zero_attn`` the extra keys are appended after the
 sequence and are visible to every query, as in torch.
 """
@@ -44,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _dropout_keep, attention, normalize_window
+from .. import backend
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _math_keep, attention, normalize_window
 from ..random import MAX_SEED
 
 __all__ = ["MultiheadAttention", "TruncatedSelfAttention"]
@@ -68,6 +77,28 @@ def _bool_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
     if bool(((mask == 0) | neg).all()):
         return neg
     return None
+
+
+def torch_sdpa_computes(q: torch.Tensor, *, causal: bool, window, key_padding_mask, n_k: int) -> bool:
+    """Whether ``torch.nn.functional.scaled_dot_product_attention`` computes this attention on the PyTorch
+    backend (see :func:`torch_sdpa`): no window; causal only when square (SDPA's causal mask is top-left
+    aligned) and without a key padding mask; a key padding mask only in bool form and with no fully padded
+    row (SDPA before torch 2.5 gives NaN there; ours gives zeros); outside tracing.  There torch's fused
+    CPU kernel is the fastest PyTorch path, and its dropout is torch's own, drawn as torch.nn's modules
+    draw it (the op's PyTorch path reproduces the Triton kernel's Philox mask, several times slower)."""
+    if window is not None or torch.compiler.is_compiling() or backend.select("attention", q) != "torch":
+        return False
+    if key_padding_mask is None:
+        return not causal or q.shape[-2] == n_k
+    return (not causal and key_padding_mask.dtype == torch.bool
+            and not bool(key_padding_mask.all(dim=-1).any()))
+
+
+def torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, key_padding_mask,
+               dropout_p: float) -> torch.Tensor:
+    """Attention of (B, H, L, d) heads by torch's SDPA, where :func:`torch_sdpa_computes` says it does."""
+    keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]   # [B, 1, 1, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=causal)
 
 
 def _causal_pattern(n_q: int, n_k: int, device) -> torch.Tensor:
@@ -243,8 +274,11 @@ class MultiheadAttention(nn.Module):
                 causal, kpm = plan
                 if kpm is not None and n_extra:
                     kpm = torch.cat([kpm, kpm.new_zeros(bsz, n_extra)], dim=1)
-                out = attention(q, k, v, causal=causal, window=self.window, key_padding_mask=kpm,
-                                dropout_p=float(dropout_p))
+                if torch_sdpa_computes(q, causal=causal, window=self.window, key_padding_mask=kpm, n_k=k.shape[2]):
+                    out = torch_sdpa(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=float(dropout_p))
+                else:
+                    out = attention(q, k, v, causal=causal, window=self.window, key_padding_mask=kpm,
+                                    dropout_p=float(dropout_p))
         if out is None:
             out, weights = self._dense(q, k, v, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra,
                                        float(dropout_p), need_weights)
@@ -293,21 +327,25 @@ class MultiheadAttention(nn.Module):
         return causal, kpm
 
     def _dense(self, q, k, v, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, dropout_p, need_weights):
-        """Dense attention with the (B, H, L, S') weights; returns (out [B, H, L, d], weights)."""
+        """Dense attention with the (B, H, L, S') weights; returns (out [B, H, L, d], weights).
+
+        torch's own weights path in ATen ops (scores, softmax, dropout, product); masks are applied only
+        when given, and a row that sees no key gets zero weights (its scores are cleared before the softmax
+        and its weights after, so neither the output nor a gradient sees a NaN)."""
         bsz, h, _, d = q.shape
         n_kx = n_k + n_extra
         dev = q.device
-        add = torch.zeros((), dtype=q.dtype, device=dev)
-        hidden = torch.zeros(n_q, n_kx, dtype=torch.bool, device=dev)                   # [L, S'] True = masked
+        s = (q * (1.0 / math.sqrt(d))) @ k.transpose(-1, -2)                             # [B, H, L, S']
+        hidden = []                                                                      # bool, True = masked
         if attn_mask is not None:
             am = attn_mask if attn_mask.dim() == 2 else attn_mask.view(bsz, h, n_q, n_k)
             am = F.pad(am, (0, n_extra))
             if am.dtype == torch.bool:
-                hidden = hidden | am
+                hidden.append(am)
             else:
-                add = add + am.to(q.dtype)
+                s = s + am.to(q.dtype)
         elif is_causal:
-            hidden[:, :n_k] |= _causal_pattern(n_q, n_k, dev)
+            hidden.append(F.pad(_causal_pattern(n_q, n_k, dev), (0, n_extra)))
         if self.window is not None:
             left, right = self.window
             i = torch.arange(n_q, device=dev)[:, None] + (n_k - n_q)
@@ -317,24 +355,30 @@ class MultiheadAttention(nn.Module):
                 band_out |= j < i - left
             if right >= 0:
                 band_out |= j > i + right
-            hidden = hidden | F.pad(band_out, (0, n_extra))
+            hidden.append(F.pad(band_out, (0, n_extra)))
         if key_padding_mask is not None:
             kp = F.pad(key_padding_mask, (0, n_extra))[:, None, None, :]
             if kp.dtype == torch.bool:
-                hidden = hidden | kp
+                hidden.append(kp)
             else:
-                add = add + kp.to(q.dtype)
-        s = (q * (1.0 / math.sqrt(d))) @ k.transpose(-1, -2) + add                      # [B, H, L, S']
-        s = s.masked_fill(hidden, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()                # empty rows -> weights 0
-        e = torch.exp(s - m)
-        den = e.sum(-1, keepdim=True)
-        w = e / torch.where(den == 0, torch.ones_like(den), den)
-        if dropout_p > 0:
+                s = s + kp.to(q.dtype)
+        masked = bool(hidden) or attn_mask is not None or key_padding_mask is not None
+        if hidden:
+            m = hidden[0]
+            for extra in hidden[1:]:
+                m = m | extra
+            s = s.masked_fill(m, float("-inf"))
+        if masked:
+            dead = torch.isneginf(s).all(-1, keepdim=True)                               # rows with no visible key
+            s = s.masked_fill(dead, 0.0)
+        w = torch.softmax(s, dim=-1)
+        if masked:
+            w = w.masked_fill(dead, 0.0)
+        if dropout_p > 0 and backend.select("attention", q) == "torch":
+            w = F.dropout(w, dropout_p)                                                  # torch's, as torch.nn's
+        elif dropout_p > 0:
             seed = int(torch.randint(0, MAX_SEED, (), dtype=torch.int64).item())
-            keep = _dropout_keep(seed, 0, h, n_q, n_kx, (bsz, h), torch.arange(n_q, device=dev),
-                                 torch.arange(n_kx, device=dev), dropout_p)
+            keep = _math_keep(seed, q, n_kx, 0, n_q, 0, n_kx, dropout_p)                # the kernel's Philox mask
             w = w * keep / (1.0 - dropout_p)
         return w @ v, w
 

@@ -51,7 +51,7 @@ from ..ops.attention import MIN_HEAD_DIM as _OP_MIN_HEAD_DIM
 from ..ops.attention import attention as _attention_op
 from ..ops.bias_act import bias_act_dropout
 from ..ops.layer_norm import dropout_add_layer_norm
-from .multihead_attention import MultiheadAttention
+from .multihead_attention import MultiheadAttention, torch_sdpa, torch_sdpa_computes
 
 __all__ = [
     "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer", "TransformerDecoder",
@@ -225,10 +225,8 @@ def _attend(q, k, v, *, causal, window, mask, kpm, dropout_p) -> Tensor:
     if mask is not None or (kpm is not None and kpm.dtype != torch.bool) or not op_head_dim:
         # head dims outside the op's range also land here (dense: O(N^2) memory, a fallback only)
         return _dense_attention(q, k, v, causal=causal, window=window, mask=mask, kpm=kpm, dropout_p=dropout_p)
-    if (kpm is None and window is None and (not causal or nq == nk) and not torch.compiler.is_compiling()
-            and backend.select("attention", q) == "torch"):
-        # torch's fused CPU attention: the PyTorch path of plain and causal self-attention.
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    if torch_sdpa_computes(q, causal=causal, window=window, key_padding_mask=kpm, n_k=nk):
+        return torch_sdpa(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=dropout_p)
     return _attention_op(q, k, v, causal=causal, window=window, key_padding_mask=kpm, dropout_p=dropout_p)
 
 

@@ -26,7 +26,10 @@ def _one_thread():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the calls that reach the fused op."""
+    """Counts the calls that reach the fused op, on the Triton backend, where the module routes every call
+    it can fuse to the op (which runs its PyTorch path for these float64 tensors).  On the PyTorch backend
+    plain and causal attention go to torch's SDPA instead: test_torch_backend_dropout_is_torch_nn."""
+    monkeypatch.setenv("LEEDL_FAST_BACKEND", "triton")
     calls = []
     real = mha_mod.attention
 
@@ -220,6 +223,38 @@ def test_dropout_stays_fused_and_matches_weights_path(fused_calls):
     assert_close(ours(q, k, v, need_weights=False)[0], ours(q, k, v)[0], atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("mask", ["none", "causal", "padding"])
+def test_torch_backend_dropout_is_torch_nn(torch_path, monkeypatch, need_weights, mask):
+    """On the PyTorch backend the module's dropout is torch's own, drawn as torch.nn draws it: training with
+    dropout, the same torch seed gives torch.nn.MultiheadAttention's output and gradients, on both paths
+    (plain, causal and padded self-attention go to SDPA, not the op, whose PyTorch path reproduces the
+    kernel's Philox mask)."""
+    ref, ours = _pair(dropout=0.3)
+    ref.train()
+    ours.train()
+    q, _, _ = _data(9, 9, 2, {}, self_attn=True)
+    monkeypatch.setattr(mha_mod, "attention", None)  # the op is not called
+    kw = {"none": {}, "causal": dict(attn_mask=_causal(9, 9), is_causal=True),
+          "padding": dict(key_padding_mask=torch.arange(9)[None, :] >= torch.tensor([[9], [5]]))}[mask]
+    outs = []
+    for m in (ours, ref):
+        torch.manual_seed(7)
+        x = q.detach().clone().requires_grad_(True)
+        o, w = m(x, x, x, need_weights=need_weights, **kw)
+        o.sum().backward()
+        outs.append((o, w, x.grad, [p.grad for p in m.parameters()]))
+    (o, w, gx, gp), (o_ref, w_ref, gx_ref, gp_ref) = outs
+    assert_close(o, o_ref, atol=1e-10, rtol=1e-8)
+    assert_close(gx, gx_ref, atol=1e-10, rtol=1e-8)
+    for g, g_ref in zip(gp, gp_ref):
+        assert_close(g, g_ref, atol=1e-10, rtol=1e-8)
+    if need_weights:
+        assert_close(w, w_ref, atol=1e-10, rtol=1e-8)
+    ours.eval()
+    assert not torch.allclose(o, ours(q, q, q, need_weights=need_weights, **kw)[0])  # dropout did act
+
+
 def test_fully_padded_row_gives_zeros_not_nan():
     _, ours = _pair()
     q, k, v = _data(4, 6, 2, {})
@@ -230,6 +265,33 @@ def test_fully_padded_row_gives_zeros_not_nan():
         o.sum().backward()
         assert not torch.isnan(o).any() and not torch.isnan(q.grad).any()
         assert_close(o[:, 1], ours.out_proj.bias.detach().expand(4, E), atol=1e-12, rtol=0)
+
+
+def test_float_mask_hiding_a_row_gives_zeros_not_nan():
+    """An arbitrary float attn_mask (the dense path) whose row 2 is all -inf: that query's attention output
+    is zero (output = out_proj's bias), the weights row is zero, and no gradient is NaN; other rows match
+    torch.nn with the row's mask cleared (torch gives NaN for such a row)."""
+    ref, ours = _pair()
+    q, k, v = _data(4, 6, 2, {})
+    mask = torch.randn(4, 6, dtype=torch.float64)
+    mask[2] = float("-inf")
+    mask[0, 3] = float("-inf")
+    for nw in (False, True):
+        o, w = ours(q, k, v, attn_mask=mask, need_weights=nw)
+        o.sum().backward()
+        grads = [q.grad, k.grad, v.grad] + [p.grad for p in ours.parameters()]
+        assert all(not torch.isnan(g).any() for g in grads)
+        assert_close(o[2], ours.out_proj.bias.detach().expand(2, E), atol=1e-12, rtol=0)
+        cleared = mask.clone()
+        cleared[2] = 0.0
+        o_ref, w_ref = ref(q, k, v, attn_mask=cleared, need_weights=True)
+        rows = [0, 1, 3]
+        assert_close(o[rows], o_ref[rows], atol=1e-10, rtol=1e-8)
+        if nw:
+            assert (w[:, 2] == 0).all()
+            assert_close(w[:, rows], w_ref[:, rows], atol=1e-10, rtol=1e-8)
+        for t in [q, k, v] + list(ours.parameters()):
+            t.grad = None
 
 
 # ------------------------------------------------------------------------------ windows
