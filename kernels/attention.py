@@ -668,9 +668,13 @@ def _split_dkdv(t: torch.Tensor, block_d: int) -> bool:
 
 
 def _config(kernel: str, t: torch.Tensor, block_d: int, blocks, dropout: bool) -> dict:
-    """Launch meta-parameters of ``kernel`` for inputs like ``t``.  ``blocks`` (tests only):
-    (BLOCK_M, BLOCK_N), or for the dK/dV kernel optionally (BLOCK_M, BLOCK_N, SPLIT_DKDV)."""
+    """Launch meta-parameters of ``kernel`` for inputs like ``t``.  ``blocks`` (tests and tile
+    sweeps only): (BLOCK_M, BLOCK_N), or for the dK/dV kernel optionally (BLOCK_M, BLOCK_N,
+    SPLIT_DKDV); or a dict of launch meta-parameters (BLOCK_M, BLOCK_N, num_warps, num_stages,
+    optionally SPLIT_DKDV) used as given."""
     split = {"SPLIT_DKDV": _split_dkdv(t, block_d)} if kernel == "_attention_bwd_dkdv_kernel" else {}
+    if isinstance(blocks, dict):
+        return {**split, **blocks}
     if blocks is not None:
         if len(blocks) == 3:
             split = {"SPLIT_DKDV": blocks[2]}
@@ -770,7 +774,7 @@ def _check_common(q, k, v, left, right):
 
 
 def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_mask, dropout_p: float, seed: int,
-                  count_blocks: bool = False, _blocks: tuple | None = None):
+                  count_blocks: bool = False, _blocks: tuple | dict | None = None):
     """Forward pass.  q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); any strides (an input that is not
     ALIGN-aligned, such as every tensor with D = 40, runs from an aligned copy: _prep).
 
@@ -779,7 +783,8 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     -inf (with o = 0) for a row with no visible key.  With ``count_blocks=True`` a third
     tensor (B, Hq, ceil(Nq / BLOCK_M)) int32 gives the key blocks each program visited.
     ``left``/``right`` = -1 mean unbounded; ``seed`` keys the dropout Philox stream.
-    ``_blocks=(BLOCK_M, BLOCK_N)`` overrides the tile choice (tests only)."""
+    ``_blocks=(BLOCK_M, BLOCK_N)`` or a dict of launch meta-parameters overrides the tile choice
+    (tests and tile sweeps only, see _config)."""
     B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
     q, k, v = _prep(q), _prep(k), _prep(v)
     o = _empty((B, Hq, Nq, D), q.dtype, q.device)
@@ -820,7 +825,8 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     ``count_blocks=True`` also returns the blocks visited by each dQ program
     (B, Hq, ceil(Nq / BLOCK_M_dq)) and by each dK/dV program (B, Hkv, ceil(Nk / BLOCK_N_dkdv)),
     the latter summed over the group's query heads.
-    ``_blocks=((dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N))`` overrides the tiles (tests only)."""
+    ``_blocks=((dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N))`` overrides the tiles, either of them
+    also a dict of launch meta-parameters (tests and tile sweeps only, see _config)."""
     B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
     q, k, v, do, o = _prep(q), _prep(k), _prep(v), _prep(do), _prep(o)
     if not lse.is_contiguous() or lse.data_ptr() % ALIGN:  # read as (B*Hq*Nq,) from its start

@@ -121,3 +121,34 @@ print(k.__file__)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert Path(out.stdout.strip()).resolve() == (ROOT / "kernels" / "softmax.py").resolve()
+
+
+def test_tile_sweep_is_opt_in():
+    names = lambda mods: {m.__name__.rsplit(".", 1)[-1] for m in mods}
+    assert "attention_tiles" not in names(runner.case_modules())
+    assert names(runner.case_modules(["attention_tiles"])) == {"attention_tiles"}
+    assert "attention_tiles" in runner.known_ops()
+
+
+def test_tile_sweep_plumbing_on_the_interpreter(triton_path, tmp_path, monkeypatch):
+    """The sweep's cases launch the kernels with the alternative tiles they name (here through the
+    interpreter, tiny): every alternative computes what the shipped tile computes, and the runner
+    records a row per alternative without error.  Nothing is timed for its value."""
+    import torch
+
+    from leedl_fast.bench.cases import attention_tiles
+
+    cases = list(attention_tiles.cases("cpu", quick=True))
+    assert [(c.mode, c.extra["varied"]) for c in cases] == [("fwd", "fwd"), ("fwd+bwd", "dkdv"), ("fwd+bwd", "dq")]
+    for case in cases:
+        want = case.ours()
+        assert len(case.peers) == 2
+        for name, peer in case.peers.items():
+            got = peer()
+            for a, b in zip(want, got):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{case.mode} {name}")
+    monkeypatch.setattr(runner, "time_ms", lambda fn, device, quick=False: (fn(), 1.0)[1])  # one call, untimed
+    report = runner.run(quick=True, ops=["attention_tiles"], out=tmp_path, checks=False, device="cpu",
+                        log=lambda m: None)
+    rows = report["results"]
+    assert len(rows) == 6 and all(r["peer_ms"] and not r.get("error") for r in rows), rows

@@ -35,24 +35,31 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 # --------------------------------------------------------------------------- discovery
 
-def case_modules(ops: list[str] | None = None):
-    """The modules of ``leedl_fast.bench.cases``, optionally only those whose name or ops match ``ops``."""
+def _modules() -> list:
+    """Every module of ``leedl_fast.bench.cases``, by name."""
     from . import cases as pkg
 
     names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
-    mods = []
-    for name in names:
-        mod = importlib.import_module(f"{pkg.__name__}.{name}")
-        provided = set(getattr(mod, "OPS", (name,)))
-        if ops is None or name in ops or provided & set(ops):
-            mods.append(mod)
-    return mods
+    return [importlib.import_module(f"{pkg.__name__}.{name}") for name in names]
+
+
+def _name(mod) -> str:
+    return mod.__name__.rsplit(".", 1)[-1]
+
+
+def case_modules(ops: list[str] | None = None):
+    """The modules of ``leedl_fast.bench.cases``, optionally only those whose name or ops match ``ops``.
+    A module with ``OPT_IN = True`` (a tile sweep: many compiles) runs only when ``ops`` names it."""
+    if ops is None:
+        return [m for m in _modules() if not getattr(m, "OPT_IN", False)]
+    return [m for m in _modules() if _name(m) in ops or set(getattr(m, "OPS", (_name(m),))) & set(ops)]
 
 
 def known_ops() -> list[str]:
+    """Every op a case module provides, the opt-in ones included."""
     out = []
-    for mod in case_modules():
-        out.extend(getattr(mod, "OPS", (mod.__name__.rsplit(".", 1)[-1],)))
+    for mod in _modules():
+        out.extend(getattr(mod, "OPS", (_name(mod),)))
     return sorted(set(out))
 
 
@@ -165,7 +172,7 @@ def run_checks(mods, device: str, log: Callable[[str], None]) -> list[dict]:
         try:
             results: list[CheckResult] = list(check(device))
         except Exception as exc:
-            results = [CheckResult(mod.__name__.rsplit(".", 1)[-1], "-", "check() raised", math.nan, 0.0, False,
+            results = [CheckResult(_name(mod), "-", "check() raised", math.nan, 0.0, False,
                                    f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")]
         for r in results:
             out.append(r.__dict__)
@@ -275,7 +282,7 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
         raise ValueError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     if ops:
-        unknown = sorted(set(ops) - set(known_ops()) - {m.__name__.rsplit('.', 1)[-1] for m in case_modules()})
+        unknown = sorted(set(ops) - set(known_ops()) - {_name(m) for m in _modules()})
         if unknown:
             raise ValueError(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(known_ops())}")
     mods = case_modules(ops)
@@ -317,11 +324,11 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
                 break
             except Exception as exc:
                 log(f"{mod.__name__}: building a case failed: {type(exc).__name__}: {exc}")
-                report["results"].append({"op": mod.__name__.rsplit(".", 1)[-1], "mode": "-", "dtype": "-",
+                report["results"].append({"op": _name(mod), "mode": "-", "dtype": "-",
                                           "shape": {}, "peer": None, "ours_ms": None,
                                           "error": f"case construction: {type(exc).__name__}: {exc}"[:500]})
                 break
-            if ops and case.op not in ops and mod.__name__.rsplit(".", 1)[-1] not in ops:
+            if ops and case.op not in ops and _name(mod) not in ops:
                 continue
             if deadline is not None and time.time() > deadline:
                 report["results"].append({

@@ -1,0 +1,122 @@
+"""Tile sweep of the attention kernels: the shipped tiles against alternatives (opt-in).
+
+The shipped tiles (``kernels/attention.py``, ``_CONFIGS``) were chosen without a GPU to time them:
+tile shapes of the Triton tutorial and FlashAttention-2, shrunk until they compiled with no spills.
+This module times them ("ours") against alternative tiles ("peers", named ``M<BLOCK_M> N<BLOCK_N>
+w<warps> s<stages>``) on the suite's main attention problem (bf16, B*N = 16k tokens, H*D = 2048,
+N = 4096): the forward at D = 64 and 128, causal and not; forward+backward at D = 128 with the
+dK/dV tile or the dQ tile varied (the other kernels keep their shipped tile).  In the report a
+speedup below 1 is an alternative that beats the shipped tile; one that does not compile, spills
+or does not launch (shared memory) is recorded with its error.  A winner is adopted into
+``_CONFIGS`` only after the AOT compile check passes for it (tests/kernels/test_attention_compile.py).
+
+Not part of a default run: every alternative is a Triton compile.  Run it as
+``python bench/gpu_suite.py --ops attention_tiles``.  On the CPU under TRITON_INTERPRET=1 it times
+one tiny problem with two alternatives through the interpreter (the plumbing only; never a speed).
+"""
+from __future__ import annotations
+
+import torch
+
+from leedl_fast.bench.common import Case
+from leedl_fast.kernels import attention as A
+
+OPS = ("attention_tiles",)
+OPT_IN = True  # only with --ops attention_tiles
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim.  Every alternative compiles for sm_90 in the
+# dense variant with no register spills (AOT with triton 3.6, bf16, checked when this list was made;
+# dropped for spilling: forward 128 x 128 w8, 128 x 64 w4 and 64 x 128 w4 at D = 128, dK/dV 64 x 64
+# and 64 x 128).  The shipped tile of each kernel is "ours" and left out of its alternatives.
+_FWD = {
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+         (64, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)],
+}
+_DKDV = [(16, 128, 8, 1), (16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2)]
+_DQ = [(64, 16, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 16, 8, 2)]
+
+
+def _meta(tile) -> dict:
+    bm, bn, w, s = tile
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+
+
+def _name(meta: dict) -> str:
+    return f"M{meta['BLOCK_M']} N{meta['BLOCK_N']} w{meta.get('num_warps', '-')} s{meta.get('num_stages', '-')}"
+
+
+def _shipped(kernel: str, q: torch.Tensor) -> dict:
+    block_d = max(16, 1 << (q.shape[-1] - 1).bit_length())
+    meta = A._config(kernel, q, block_d, None, False)
+    return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in meta}
+
+
+def _fwd(q, k, v, causal, meta):
+    scale = q.shape[-1] ** -0.5
+
+    def run():
+        return A.attention_fwd(q, k, v, scale=scale, left=-1, right=0 if causal else -1, key_padding_mask=None,
+                               dropout_p=0.0, seed=0, _blocks=meta)
+    return run
+
+
+def _fwd_bwd(q, k, v, do, causal, fwd_meta, dkdv_meta, dq_meta):
+    scale = q.shape[-1] ** -0.5
+    right = 0 if causal else -1
+
+    def run():
+        o, lse = A.attention_fwd(q, k, v, scale=scale, left=-1, right=right, key_padding_mask=None, dropout_p=0.0,
+                                 seed=0, _blocks=fwd_meta)
+        return A.attention_bwd(do, q, k, v, o, lse, scale=scale, left=-1, right=right, key_padding_mask=None,
+                               dropout_p=0.0, seed=0, _blocks=(dkdv_meta, dq_meta))
+    return run
+
+
+def _problem(n: int, d: int, dtype, device, tokens: int, width: int):
+    b, h = max(1, tokens // n), width // d
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, do = (torch.randn(b, h, n, d, generator=g).to(device, dtype) for _ in range(4))
+    return q, k, v, do, {"B": b, "H": h, "N": n, "D": d}
+
+
+def _cases(device: str, n: int, dims, dtype, fwd_tiles, dkdv_tiles, dq_tiles, causals, tokens=16384, width=2048):
+    for d in dims:
+        q, k, v, do, shape = _problem(n, d, dtype, device, tokens, width)
+        shipped = {kern: _shipped(kern, q) for kern in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                                                         "_attention_bwd_dq_kernel")}
+        for causal in causals:
+            flops = 4 * shape["B"] * shape["H"] * n * n * d / (2 if causal else 1)
+            mine = shipped["_attention_fwd_kernel"]
+            alts = [m for m in map(_meta, fwd_tiles[d]) if m != mine]
+            yield Case("attention_tiles", "fwd", dtype, shape, _fwd(q, k, v, causal, mine),
+                       {_name(m): _fwd(q, k, v, causal, m) for m in alts}, flops=flops, causal=causal,
+                       extra={"ours_tile": _name(mine), "varied": "fwd"})
+            if d != dims[-1]:
+                continue
+            for varied, tiles in (("dkdv", dkdv_tiles), ("dq", dq_tiles)):
+                kern = f"_attention_bwd_{varied}_kernel"
+                mine = shipped[kern]
+                alts = [m for m in map(_meta, tiles) if m != mine]
+
+                def with_tile(m, varied=varied):
+                    dkdv = m if varied == "dkdv" else shipped["_attention_bwd_dkdv_kernel"]
+                    dq = m if varied == "dq" else shipped["_attention_bwd_dq_kernel"]
+                    return _fwd_bwd(q, k, v, do, causal, shipped["_attention_fwd_kernel"], dkdv, dq)
+
+                yield Case("attention_tiles", "fwd+bwd", dtype, shape, with_tile(mine),
+                           {_name(m): with_tile(m) for m in alts}, flops=3.5 * flops, causal=causal,
+                           extra={"ours_tile": _name(mine), "varied": varied})
+
+
+def cases(device: str, quick: bool):
+    if device.startswith("cuda"):
+        yield from _cases(device, 4096, (64, 128), torch.bfloat16, _FWD, _DKDV, _DQ,
+                          (False,) if quick else (False, True))
+    else:
+        from leedl_fast import backend
+
+        if backend.interpreting():  # the plumbing, through the interpreter: a tiny problem, two tiles each
+            yield from _cases(device, 64, (16,), torch.float32, {16: [(32, 16, 4, 1), (16, 32, 4, 1)]},
+                              [(16, 32, 4, 1), (32, 16, 4, 1)], [(16, 16, 4, 1), (32, 16, 4, 1)], (False,),
+                              tokens=64, width=32)
