@@ -46,3 +46,27 @@ def test_train_step_ratio(benchmark, case):
     benchmark.pedantic(_step(ours, x, kw), rounds=1, warmup_rounds=0)
     print(f"\n{case}: {timing}")
     assert timing.ratio <= 1.2, f"{case}: {timing} > 1.2"
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_inference_ratio(benchmark, need_weights):
+    """Eval mode under no_grad, batch_first (where torch.nn takes its fused inference path): <= 1.2x."""
+    torch.manual_seed(0)
+    ours = MultiheadAttention(E, H, batch_first=True).eval()
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(B, N, E)
+
+    def call(module):
+        def run():
+            with torch.no_grad():
+                module(x, x, x, need_weights=need_weights)
+        return run
+
+    timing = alternating_ratio(call(ours), call(ref), pairs=10)
+    benchmark.group = f"MultiheadAttention inference ratio ours / torch.nn E={E} H={H} N={N} B={B}"
+    benchmark.extra_info.update(need_weights=need_weights, ratio=timing.ratio, ratios=timing.ratios,
+                                ours_s=timing.ours_s, torch_s=timing.peer_s)
+    benchmark.pedantic(call(ours), rounds=1, warmup_rounds=0)
+    print(f"\ninference need_weights={need_weights}: {timing}")
+    assert timing.ratio <= 1.2, f"need_weights={need_weights}: {timing} > 1.2"

@@ -336,6 +336,10 @@ class MultiheadAttention(nn.Module):
         n_kx = n_k + n_extra
         dev = q.device
         s = (q * (1.0 / math.sqrt(d))) @ k.transpose(-1, -2)                             # [B, H, L, S']
+        # Without autograd (inference) every step below overwrites s: the softmax of a fresh (B, H, L, S)
+        # tensor costs 4x the in-place one on the CPU (page faults on the new buffer), as torch's own
+        # inference path does it in place.
+        in_place = not s.requires_grad
         hidden = []                                                                      # bool, True = masked
         if attn_mask is not None:
             am = attn_mask if attn_mask.dim() == 2 else attn_mask.view(bsz, h, n_q, n_k)
@@ -343,7 +347,7 @@ class MultiheadAttention(nn.Module):
             if am.dtype == torch.bool:
                 hidden.append(am)
             else:
-                s = s + am.to(q.dtype)
+                s = s.add_(am.to(q.dtype)) if in_place else s + am.to(q.dtype)
         elif is_causal:
             hidden.append(F.pad(_causal_pattern(n_q, n_k, dev), (0, n_extra)))
         if self.window is not None:
@@ -361,19 +365,19 @@ class MultiheadAttention(nn.Module):
             if kp.dtype == torch.bool:
                 hidden.append(kp)
             else:
-                s = s + kp.to(q.dtype)
+                s = s.add_(kp.to(q.dtype)) if in_place else s + kp.to(q.dtype)
         masked = bool(hidden) or attn_mask is not None or key_padding_mask is not None
         if hidden:
             m = hidden[0]
             for extra in hidden[1:]:
                 m = m | extra
-            s = s.masked_fill(m, float("-inf"))
+            s = s.masked_fill_(m, float("-inf")) if in_place else s.masked_fill(m, float("-inf"))
         if masked:
             dead = torch.isneginf(s).all(-1, keepdim=True)                               # rows with no visible key
-            s = s.masked_fill(dead, 0.0)
-        w = torch.softmax(s, dim=-1)
+            s = s.masked_fill_(dead, 0.0) if in_place else s.masked_fill(dead, 0.0)
+        w = torch.softmax(s, dim=-1, out=s) if in_place else torch.softmax(s, dim=-1)
         if masked:
-            w = w.masked_fill(dead, 0.0)
+            w = w.masked_fill_(dead, 0.0) if in_place else w.masked_fill(dead, 0.0)
         if dropout_p > 0 and backend.select("attention", q) == "torch":
             w = F.dropout(w, dropout_p)                                                  # torch's, as torch.nn's
         elif dropout_p > 0:

@@ -255,6 +255,33 @@ def test_torch_backend_dropout_is_torch_nn(torch_path, monkeypatch, need_weights
     assert not torch.allclose(o, ours(q, q, q, need_weights=need_weights, **kw)[0])  # dropout did act
 
 
+@pytest.mark.parametrize("form", ["none", "float mask with a dead row", "bool padding with a dead row", "causal",
+                                  "float padding"])
+def test_weights_path_in_place_without_autograd(form):
+    """Without autograd the weights path overwrites its score buffer in place; it computes what the path
+    with autograd computes (outputs and weights), masks and rows with no visible key included."""
+    _, ours = _pair()
+    ours.eval()
+    q, k, v = _data(6, 6, 3, {}, self_attn=True)
+    kw = {}
+    if form == "float mask with a dead row":
+        kw["attn_mask"] = torch.randn(6, 6, dtype=F64).masked_fill(torch.eye(6, dtype=torch.bool), float("-inf"))
+        kw["attn_mask"][4] = float("-inf")
+    elif form == "bool padding with a dead row":
+        kw["key_padding_mask"] = torch.tensor([[False] * 6, [False] * 3 + [True] * 3, [True] * 6])
+    elif form == "causal":
+        kw.update(attn_mask=_causal(6, 6), is_causal=True)
+    elif form == "float padding":
+        kw["key_padding_mask"] = torch.randn(3, 6, dtype=F64)
+    qg = q.detach().clone().requires_grad_(True)
+    o_grad, w_grad = ours(qg, qg, qg, need_weights=True, average_attn_weights=False, **kw)
+    with torch.no_grad():
+        o, w = ours(q, q, q, need_weights=True, average_attn_weights=False, **kw)
+    assert_close(o, o_grad.detach(), atol=1e-12, rtol=1e-10)
+    assert_close(w, w_grad.detach(), atol=1e-12, rtol=1e-10)
+    assert not torch.isnan(o).any() and not torch.isnan(w).any()
+
+
 def test_fully_padded_row_gives_zeros_not_nan():
     _, ours = _pair()
     q, k, v = _data(4, 6, 2, {})
