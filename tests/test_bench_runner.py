@@ -140,7 +140,10 @@ def test_tile_sweep_plumbing_on_the_interpreter(triton_path, tmp_path, monkeypat
 
     cases = list(attention_tiles.cases("cpu", quick=True))
     assert [(c.mode, c.extra["varied"]) for c in cases] == [("fwd", "fwd"), ("fwd+bwd", "dkdv"), ("fwd+bwd", "dq")]
-    for case in cases:
+    banded = list(attention_tiles._banded_case("cpu", 64, 16, (8, 8), torch.float32,
+                                               {16: [(32, 16, 4, 1), (16, 32, 4, 1)]}, 64, 32))
+    assert [c.window for c in banded] == [(8, 8)]
+    for case in cases + banded:
         want = case.ours()
         assert len(case.peers) == 2
         for name, peer in case.peers.items():

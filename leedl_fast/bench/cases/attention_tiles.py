@@ -5,7 +5,8 @@ tile shapes of the Triton tutorial and FlashAttention-2, shrunk until they compi
 This module times them ("ours") against alternative tiles ("peers", named ``M<BLOCK_M> N<BLOCK_N>
 w<warps> s<stages>``) on the suite's main attention problem (bf16, B*N = 16k tokens, H*D = 2048,
 N = 4096): the forward at D = 64 and 128, causal and not; forward+backward at D = 128 with the
-dK/dV tile or the dQ tile varied (the other kernels keep their shipped tile).  In the report a
+dK/dV tile or the dQ tile varied (the other kernels keep their shipped tile); and the banded
+forward at D = 128, N = 16k, window (256, 256) (B*N = 64k tokens, as the suite's banded cases).  In the report a
 speedup below 1 is an alternative that beats the shipped tile; one that does not compile, spills
 or does not launch (shared memory) is recorded with its error.  A winner is adopted into
 ``_CONFIGS`` only after the AOT compile check passes for it (tests/kernels/test_attention_compile.py).
@@ -52,11 +53,11 @@ def _shipped(kernel: str, q: torch.Tensor) -> dict:
     return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in meta}
 
 
-def _fwd(q, k, v, causal, meta):
+def _fwd(q, k, v, window, meta):
     scale = q.shape[-1] ** -0.5
 
     def run():
-        return A.attention_fwd(q, k, v, scale=scale, left=-1, right=0 if causal else -1, key_padding_mask=None,
+        return A.attention_fwd(q, k, v, scale=scale, left=window[0], right=window[1], key_padding_mask=None,
                                dropout_p=0.0, seed=0, _blocks=meta)
     return run
 
@@ -89,8 +90,9 @@ def _cases(device: str, n: int, dims, dtype, fwd_tiles, dkdv_tiles, dq_tiles, ca
             flops = 4 * shape["B"] * shape["H"] * n * n * d / (2 if causal else 1)
             mine = shipped["_attention_fwd_kernel"]
             alts = [m for m in map(_meta, fwd_tiles[d]) if m != mine]
-            yield Case("attention_tiles", "fwd", dtype, shape, _fwd(q, k, v, causal, mine),
-                       {_name(m): _fwd(q, k, v, causal, m) for m in alts}, flops=flops, causal=causal,
+            window = (-1, 0 if causal else -1)
+            yield Case("attention_tiles", "fwd", dtype, shape, _fwd(q, k, v, window, mine),
+                       {_name(m): _fwd(q, k, v, window, m) for m in alts}, flops=flops, causal=causal,
                        extra={"ours_tile": _name(mine), "varied": "fwd"})
             if d != dims[-1]:
                 continue
@@ -109,10 +111,25 @@ def _cases(device: str, n: int, dims, dtype, fwd_tiles, dkdv_tiles, dq_tiles, ca
                            extra={"ours_tile": _name(mine), "varied": varied})
 
 
+def _banded_case(device: str, n: int, d: int, window, dtype, fwd_tiles, tokens: int, width: int):
+    """The forward of banded attention (the band as loop bounds: other masked edges than dense)."""
+    from leedl_fast.bench.cases.attention import band_pairs
+
+    q, k, v, _, shape = _problem(n, d, dtype, device, tokens, width)
+    mine = _shipped("_attention_fwd_kernel", q)
+    alts = [m for m in map(_meta, fwd_tiles[d]) if m != mine]
+    flops = 4 * shape["B"] * shape["H"] * d * band_pairs(n, n, *window)
+    yield Case("attention_tiles", "fwd", dtype, shape, _fwd(q, k, v, window, mine),
+               {_name(m): _fwd(q, k, v, window, m) for m in alts}, flops=flops, causal=window[1] == 0,
+               window=window, extra={"ours_tile": _name(mine), "varied": "fwd"})
+
+
 def cases(device: str, quick: bool):
     if device.startswith("cuda"):
         yield from _cases(device, 4096, (64, 128), torch.bfloat16, _FWD, _DKDV, _DQ,
                           (False,) if quick else (False, True))
+        if not quick:
+            yield from _banded_case(device, 16384, 128, (256, 256), torch.bfloat16, _FWD, 65536, 2048)
     else:
         from leedl_fast import backend
 
