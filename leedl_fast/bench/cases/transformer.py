@@ -9,8 +9,8 @@ times a small layer on the torch path.
 FLOPs of one training step: 3x the forward's (backward = 2x), the forward being
 2*B*N*(4*E^2 + 2*E*FF) in the linear layers plus 4*B*N^2*E in attention (halved when causal).
 
-``check(device)`` compares the layer's output and input gradient with torch.nn's (dropout 0, same
-weights) in fp16, bf16 and fp32.
+``check(device)`` compares the layer's output and input gradient with float64 torch.nn's (dropout 0,
+same weights) in fp16, bf16 and fp32, within twice torch.nn's own error in that dtype.
 """
 from __future__ import annotations
 
@@ -67,30 +67,43 @@ def cases(device: str, quick: bool):
 
 
 def check(device: str):
+    """The layer (Triton kernels on CUDA) against float64 torch.nn with the same weights, dropout 0:
+    output and input gradient, fp16 / bf16 / fp32, plain and causal.
+
+    The float64 reference takes the inputs rounded to the dtype (as every check here does): with the
+    unrounded ones, the rounding of x alone, amplified by two LayerNorm backwards in rows with a small
+    variance, made torch.nn's own fp16 layer miss by 0.004 to 0.08 depending on the inputs.  The
+    bound is also relative to torch.nn's own layer in the same dtype on the same inputs: ours may
+    deviate from float64 by at most 2x what torch.nn's deviates, or by the dtype's floor."""
     out = []
     s = {"B": 2, "N": 77, "E": 128, "H": 2, "FF": 256}
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    for dtype, tol in ((torch.float16, 2e-2), (torch.bfloat16, 1e-1), (torch.float32, 2e-3)):
+    for dtype, floor in ((torch.float16, 2e-2), (torch.bfloat16, 1e-1), (torch.float32, 2e-3)):
         for causal in (False, True):
             try:
                 ours, ref = _pair(s, 0.0, device, dtype)
                 ref64 = torch.nn.TransformerEncoderLayer(s["E"], s["H"], s["FF"], 0.0, batch_first=True,
                                                          device=device, dtype=torch.float64)
                 ref64.load_state_dict(ours.state_dict())
-                x = torch.randn(s["B"], s["N"], s["E"], device=device, dtype=torch.float64)
-                dy = torch.randn_like(x)
+                # Inputs rounded to the dtype first: the reference sees what the layers see.
+                x = torch.randn(s["B"], s["N"], s["E"], device=device, dtype=torch.float64).to(dtype).double()
+                dy = torch.randn_like(x).to(dtype).double()
                 mask = torch.nn.Transformer.generate_square_subsequent_mask(s["N"], device=device) if causal else None
                 xr = x.clone().requires_grad_()
                 yr = ref64(xr, src_mask=None if mask is None else mask.double(), is_causal=causal)
                 yr.backward(dy)
-                xd = x.to(dtype).requires_grad_()
-                y = ours(xd, src_mask=None if mask is None else mask.to(dtype), is_causal=causal)
-                y.backward(dy.to(dtype))
-                err = max((y.double() - yr).abs().max().item(), (xd.grad.double() - xr.grad).abs().max().item())
-                # outputs are layer-normed (O(1)); tolerances cover ~10 chained rounded ops in that dtype
-                out.append(CheckResult("transformer", names[dtype], f"encoder layer N={s['N']} causal={causal}",
-                                       err, tol, bool(err <= tol and torch.isfinite(y).all())))
+                errs, finite = [], True
+                for layer in (ours, ref):
+                    xd = x.to(dtype).requires_grad_()
+                    y = layer(xd, src_mask=None if mask is None else mask.to(dtype), is_causal=causal)
+                    y.backward(dy.to(dtype))
+                    errs.append(max((y.double() - yr).abs().max().item(), (xd.grad.double() - xr.grad).abs().max().item()))
+                    finite &= bool(torch.isfinite(y).all() and torch.isfinite(xd.grad).all())
+                bound = max(floor, 2.0 * errs[1])
+                out.append(CheckResult("transformer", names[dtype],
+                                       f"encoder layer N={s['N']} causal={causal} (torch.nn's error {errs[1]:.2e})",
+                                       errs[0], bound, bool(errs[0] <= bound and finite)))
             except Exception as exc:  # report, don't abort the suite
-                out.append(CheckResult("transformer", names[dtype], f"causal={causal}", float("nan"), tol, False,
+                out.append(CheckResult("transformer", names[dtype], f"causal={causal}", float("nan"), floor, False,
                                        error=f"{type(exc).__name__}: {exc}"))
     return out
