@@ -642,6 +642,11 @@ _INTERP = {"_attention_fwd_kernel": (64, 32), "_attention_bwd_dkdv_kernel": (32,
            "_attention_bwd_dq_kernel": (64, 32)}
 
 
+def block_d_for(head_dim: int) -> int:
+    """BLOCK_D, the padded head dim the kernels are compiled for: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _pre_block_m(block_d: int) -> int:
     return min(64, 4096 // block_d)  # o and do tiles of <= 4096 elements each
 
@@ -748,12 +753,6 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """A result as callers expect it: contiguous (a copy only for head dims that are not multiples
-    of ALIGN, whose results were written with padded rows)."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _kpm(key_padding_mask, q):
     """(mask as uint8 with an aligned row stride, that stride, HAS_KPM)."""
     if key_padding_mask is None:
@@ -789,7 +788,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     q, k, v = _prep(q), _prep(k), _prep(v)
     o = _empty((B, Hq, Nq, D), q.dtype, q.device)
     lse = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = block_d_for(D)
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
     meta = _config("_attention_fwd_kernel", q, block_d, _blocks, dropout)
@@ -797,7 +796,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     n_mblocks = triton.cdiv(Nq, block_m)
     counts = torch.empty((B, Hq, n_mblocks), device=q.device, dtype=torch.int32) if count_blocks else lse
     if B * Hq * Nq == 0:
-        return (_dense(o), lse, counts) if count_blocks else (_dense(o), lse)
+        return (o.contiguous(), lse, counts) if count_blocks else (o.contiguous(), lse)
     grid = (n_mblocks, Hq, B)
     _attention_fwd_kernel[grid](
         q, k, v, o, lse, kpm, counts,
@@ -812,7 +811,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
         HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
         COUNT_BLOCKS=count_blocks, **meta,
     )
-    o = _dense(o)
+    o = o.contiguous()  # a copy only when D is not a multiple of ALIGN (rows written padded, see _empty)
     return (o, lse, counts) if count_blocks else (o, lse)
 
 
@@ -834,7 +833,7 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     dq = _empty((B, Hq, Nq, D), q.dtype, q.device)
     dk = _empty((B, Hkv, Nk, D), k.dtype, q.device)
     dv = _empty((B, Hkv, Nk, D), v.dtype, q.device)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = block_d_for(D)
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
     mdkdv = _config("_attention_bwd_dkdv_kernel", q, block_d, None if _blocks is None else _blocks[0], dropout)
@@ -848,7 +847,7 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     else:
         cnt_dq = cnt_dkdv = lse
     if B * Hq * Nq == 0 or Nk == 0:  # nothing attends: every gradient is zero
-        dq, dk, dv = (_dense(t).zero_() for t in (dq, dk, dv))
+        dq, dk, dv = (t.contiguous().zero_() for t in (dq, dk, dv))
         return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)
 
     delta = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
@@ -883,5 +882,5 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_kpmb, *scalars, **common, **mdq,
     )
-    dq, dk, dv = _dense(dq), _dense(dk), _dense(dv)
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()  # as o in attention_fwd
     return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)

@@ -39,7 +39,8 @@ TILE = 2048        # elements per program: 8 values per thread at 8 warps (one 1
 NUM_WARPS = 8
 MAX_BLOCK_N = 128  # columns per tile; a bf16 row segment of 256 bytes
 # Ints that Triton's launcher must not specialise (divisible by 16, equal to 1): they only bound
-# masks and loops or key Philox (the seed is always i64), so one binary serves every value, the one tests/kernels compile-checks.
+# masks and loops or key Philox (the seed is always i64), so one binary serves every value, the
+# one tests/kernels compile-checks.
 RUNTIME_INTS = ["n_rows", "n_cols", "n_col_blocks", "seed"]
 
 

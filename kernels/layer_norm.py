@@ -43,7 +43,8 @@ import triton.language as tl
 # Largest row held in registers: at 16 warps, 16 fp32 values per thread and tensor.
 MAX_COLS = 8192
 # Ints that Triton's launcher must not specialise (divisible by 16, equal to 1): they only bound
-# masks and loops or key Philox (the seed is always i64), so one binary serves every value, the one tests/kernels compile-checks.
+# masks and loops or key Philox (the seed is always i64), so one binary serves every value, the
+# one tests/kernels compile-checks.
 RUNTIME_INTS = ["n_rows", "n_cols", "rows_per_program", "seed"]
 # The backward holds at most this many columns per block (longer rows loop over blocks).
 BWD_MAX_BLOCK = 4096

@@ -315,10 +315,15 @@ def _fusable_norm(norm, d_model: int) -> bool:
             and type(norm.eps) is float)
 
 
+def _fusable_residual(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module | None) -> bool:
+    """Whether ``norm(x + dropout(y))`` runs as one ``dropout_add_layer_norm`` kernel."""
+    return (norm is not None and type(dropout) is nn.Dropout and _fusable_norm(norm, x.shape[-1])
+            and y.dtype == x.dtype and _fused(x, norm.weight, norm.bias))
+
+
 def _add_norm(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module) -> Tensor:
     """Post-norm residual connection: ``norm(x + dropout(y))``."""
-    if (type(dropout) is nn.Dropout and _fusable_norm(norm, x.shape[-1]) and y.dtype == x.dtype
-            and _fused(x, norm.weight, norm.bias)):
+    if _fusable_residual(x, y, dropout, norm):
         return dropout_add_layer_norm(y, x, norm.weight, norm.bias, eps=norm.eps, dropout_p=_p(dropout))
     return norm(x + dropout(y))
 
@@ -326,8 +331,7 @@ def _add_norm(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module) -> Tens
 def _add_then_norm(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module | None) -> tuple[Tensor, Tensor | None]:
     """Pre-norm residual connection: ``h = x + dropout(y)`` and the next block's input ``norm(h)`` (None when
     no block follows)."""
-    if (norm is not None and type(dropout) is nn.Dropout and _fusable_norm(norm, x.shape[-1]) and y.dtype == x.dtype
-            and _fused(x, norm.weight, norm.bias)):
+    if _fusable_residual(x, y, dropout, norm):
         y_norm, h = dropout_add_layer_norm(y, x, norm.weight, norm.bias, eps=norm.eps, dropout_p=_p(dropout),
                                            return_residual=True)
         return h, y_norm

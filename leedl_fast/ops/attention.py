@@ -213,8 +213,6 @@ def _dropout_keep(seed: int, b0: int, hq: int, nq: int, nk: int, shape_bh, rows:
     return philox_uniform(seed, _dropout_offsets(b0, hq, nq, nk, shape_bh, rows, cols)) >= p
 
 
-
-
 def _dropout_offsets(b0: int, hq: int, nq: int, nk: int, shape_bh, rows: torch.Tensor,
                      cols: torch.Tensor) -> torch.Tensor:
     nb, nh = shape_bh

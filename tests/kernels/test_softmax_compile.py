@@ -21,22 +21,21 @@ def _configs():
     odd_widths = (MAX_FUSED_COLS, MAX_FUSED_COLS + 1)  # the most registers: the widest one-pass rows; looped
     for n_cols in (64, 1000, 4096, MAX_FUSED_COLS, MAX_FUSED_COLS + 1):
         for dt in ("fp32", "bf16"):
+            odd = n_cols in odd_widths
             fwd = launch_config(n_cols)
-            out.append(KernelConfig(
+            out += variants(KernelConfig(
                 "leedl_fast.kernels.softmax", "_softmax_fwd_kernel",
                 {"x_ptr": _DT[dt], "y_ptr": _DT[dt], "stride_xm": "i32", "stride_ym": "i32", "n_cols": "i32",
                  "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
                 {"BLOCK_N": fwd["BLOCK_N"], "ONE_PASS": fwd["ONE_PASS"]}, num_warps=fwd["num_warps"],
-                label=f"fwd n={n_cols} {dt}"))
-            out += variants(out.pop(), unaligned=n_cols in odd_widths)
+                label=f"fwd n={n_cols} {dt}"), unaligned=odd)
             bwd = launch_config(n_cols, backward=True)
-            out.append(KernelConfig(
+            out += variants(KernelConfig(
                 "leedl_fast.kernels.softmax", "_softmax_bwd_kernel",
                 {"y_ptr": _DT[dt], "dy_ptr": _DT[dt], "dx_ptr": _DT[dt], "stride_ym": "i32", "stride_dym": "i32",
                  "stride_dxm": "i32", "n_cols": "i32", "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
                 {"BLOCK_N": bwd["BLOCK_N"], "ONE_PASS": bwd["ONE_PASS"]}, num_warps=bwd["num_warps"],
-                label=f"bwd n={n_cols} {dt}"))
-            out += variants(out.pop(), unaligned=n_cols in odd_widths)
+                label=f"bwd n={n_cols} {dt}"), unaligned=odd)
     return out
 
 

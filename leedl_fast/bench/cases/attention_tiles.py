@@ -48,8 +48,7 @@ def _name(meta: dict) -> str:
 
 
 def _shipped(kernel: str, q: torch.Tensor) -> dict:
-    block_d = max(16, 1 << (q.shape[-1] - 1).bit_length())
-    meta = A._config(kernel, q, block_d, None, False)
+    meta = A._config(kernel, q, A.block_d_for(q.shape[-1]), None, False)
     return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in meta}
 
 
