@@ -8,8 +8,9 @@ pytest-benchmark groups pair each case of ours with SDPA on the same inputs in t
   ``test_fwd_bwd_ratio_vs_sdpa``, which alternates ours and SDPA call by call and takes the median
   of the per-pair ratios (a shared 2-core machine swings single timings by 30%; adjacent calls
   share the load);
-* dropout (recorded, not asserted): the torch path reproduces the kernel's Philox mask exactly,
-  which in eager tensor ops costs far more than SDPA's own dropout mask (see ops/attention.py);
+* dropout (recorded, not asserted; ``test_dropout_ratio_vs_sdpa`` alternates the two): the torch path
+  reproduces the kernel's Philox mask exactly (one Philox call per eight scores, in eager int64 tensor
+  ops), which costs far more than SDPA's own dropout mask (see ops/attention.py);
 * banded, B=1, H=4, D=64, N=8192, window (128, 128), fp32, forward+backward, against SDPA with
   the equivalent (N, N) boolean mask built in the call: >= 10x faster and >= 20x less peak
   working memory (peak minus the 32 MiB of o, dq, dk, dv that both must return; the total
@@ -131,6 +132,18 @@ def test_dropout_fwd_bwd(benchmark, impl):
     fn = (lambda: attention(q, k, v, dropout_p=0.1, seed=1)) if impl == "leedl_fast" else \
         (lambda: _sdpa(q, k, v, dropout_p=0.1))
     benchmark.pedantic(lambda: _step(fn, do, (q, k, v)), rounds=3, warmup_rounds=1)
+
+
+def test_dropout_ratio_vs_sdpa(benchmark):
+    """Recorded, not asserted: dropout 0.1, ours (the kernel's mask) alternating with SDPA (torch's RNG)."""
+    q, k, v, do = _inputs(1, 4, 512, 64)
+    ours = lambda: attention(q, k, v, dropout_p=0.1, seed=1)  # noqa: E731
+    sdpa = lambda: _sdpa(q, k, v, dropout_p=0.1)  # noqa: E731
+    timing = alternating_ratio(lambda: _step(ours, do, (q, k, v)), lambda: _step(sdpa, do, (q, k, v)))
+    benchmark.group = "attention fwd+bwd ratio ours / sdpa (median of alternating pairs)"
+    benchmark.extra_info.update(case="dropout 0.1 B1 H4 N512 D64", ratio=timing.ratio, ratios=timing.ratios)
+    benchmark.pedantic(lambda: _step(ours, do, (q, k, v)), rounds=1, warmup_rounds=0)
+    print(f"\ndropout: {timing}")
 
 
 @pytest.mark.parametrize("impl", ["leedl_fast", "sdpa_bool_mask"])

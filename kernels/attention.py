@@ -38,10 +38,11 @@ with Better Parallelism and Work Partitioning", 2023):
   query block accumulates dQ over the key blocks of its band.  P is recomputed
   from the saved lse.
 
-Dropout acts on the normalised probabilities: P_ij is kept iff
-``tl.rand(seed, ((b*Hq + h)*Nq + i)*Nk + j) >= dropout_p`` (int64 offsets), kept
-values scaled by 1/(1 - dropout_p); the backward regenerates the same numbers.
-``leedl_fast.random.philox_uniform`` reproduces them bit for bit in PyTorch.
+Dropout acts on the normalised probabilities, with the mask of kernels/dropout.py (eight
+16-bit decisions per Philox call) over rows ``(b*Hq + h)*Nq + i`` and columns ``j`` of
+Nk: kept iff the element's number is >= ``dropout_threshold``, kept values scaled by
+``dropout_scale``; the backward regenerates the same mask.  ``leedl_fast.random.dropout_keep``
+reproduces it bit for bit in PyTorch.
 
 Precision: fp16/bf16/fp32 inputs, fp32 accumulation and softmax statistics.  For
 fp32 inputs ``tl.dot`` uses TF32 tensor-core products on the GPU (10-bit
@@ -57,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import dropout_threshold, dropout_scale, keep_tile
+
 __all__ = ["attention_fwd", "attention_bwd", "launch_configs", "LOG2E"]
 
 LOG2E = 1.4426950408889634
@@ -68,7 +71,7 @@ LN2 = 0.6931471805599453
 # (i32 or i64).  The sizes, the window and the seed are therefore never specialised and the
 # seed is always i64; every pointer and every stride is made 16-aligned by the launchers
 # (_prep, _empty, _kpm), so each kernel always runs its vectorised, aligned variant.
-RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_right", "seed"]
+RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_right", "dropout_threshold", "seed"]
 ALIGN = 16  # elements (strides) and bytes (pointers), as Triton's tt.divisibility
 
 
@@ -137,8 +140,8 @@ def _attention_fwd_inner(
     acc, l_i, m_i, n_visited, q,
     k_base, v_base, kpm_base, stride_kn, stride_vn,
     offs_m, offs_d, start_a, n_a, start_b, n_iter, seq_k, shift, window_left, window_right,
-    qk_scale, rng_rows, dropout_p, seed,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    qk_scale, rng_rows, dropout_threshold, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -174,8 +177,8 @@ def _attention_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)                                            # [BLOCK_M]
         acc = acc * alpha[:, None]                                                  # [BLOCK_M, BLOCK_D]
         if DROPOUT:
-            r = tl.rand(seed, rng_rows[:, None] + offs_n[None, :])                  # [BLOCK_M, BLOCK_N]
-            p = tl.where(r >= dropout_p, p, 0.0)                                    # [BLOCK_M, BLOCK_N]
+            keep = keep_tile(seed, rng_rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+            p = tl.where(keep, p, 0.0)                                              # [BLOCK_M, BLOCK_N]
         v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc)                                         # [BLOCK_M, BLOCK_D]
         m_i = m_new
@@ -192,7 +195,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, window_left, window_right, dropout_p, seed: tl.int64,
+    qk_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr,
@@ -220,7 +223,7 @@ def _attention_fwd_kernel(
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
     lo, hi, full_lo, full_hi = _key_block_range(start_m + shift, row_last, seq_k, window_left, window_right,
                                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    rng_rows = ((b64 * n_heads + h) * seq_q + offs_m) * seq_k                       # [BLOCK_M] int64
+    rng_rows = ((b64 * n_heads + h) * seq_q + offs_m) * ((seq_k + 7) // 8)         # [BLOCK_M] int64 first counters
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)                             # [BLOCK_M] running max (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                           # [BLOCK_M] running sum
@@ -235,19 +238,19 @@ def _attention_fwd_kernel(
     acc, l_i, m_i, n_visited = _attention_fwd_inner(
         acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
         offs_m, offs_d, lo, n_lead, tail, n_edge, seq_k, shift, window_left, window_right,
-        qk_scale, rng_rows, dropout_p, seed,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+        qk_scale, rng_rows, dropout_threshold, seed,
+        BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
     acc, l_i, m_i, n_visited = _attention_fwd_inner(
         acc, l_i, m_i, n_visited, q, k_base, v_base, kpm_base, stride_kn, stride_vn,
         offs_m, offs_d, full_lo, n_full, full_lo, n_full, seq_k, shift, window_left, window_right,
-        qk_scale, rng_rows, dropout_p, seed,
-        BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+        qk_scale, rng_rows, dropout_threshold, seed,
+        BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
 
     # Rows with no visible key: l = 0 -> o = 0, lse = -inf.
     empty = l_i == 0.0                                                              # [BLOCK_M]
     l_safe = tl.where(empty, 1.0, l_i)                                              # [BLOCK_M]
     if DROPOUT:
-        inv_l = (1.0 / (1.0 - dropout_p)) / l_safe                                  # [BLOCK_M]
+        inv_l = dropout_scale / l_safe                                              # [BLOCK_M]
     else:
         inv_l = 1.0 / l_safe                                                        # [BLOCK_M]
     o = acc * inv_l[:, None]                                                        # [BLOCK_M, BLOCK_D]
@@ -297,9 +300,9 @@ def _attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_inner(
     dk, dv, n_visited, k, v, pad_ok,
     q_base, do_base, lse2_base, delta_base, stride_qm, stride_dom,
-    offs_n, offs_d, start_a, n_a, start_b, n_iter, seq_q, seq_k, shift, window_left, window_right,
-    qk_scale, rng_head, dropout_p, seed,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    start_n, offs_n, offs_d, start_a, n_a, start_b, n_iter, seq_q, seq_k, shift, window_left, window_right,
+    qk_scale, rng_head, dropout_threshold, dropout_scale, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
@@ -328,12 +331,11 @@ def _attention_bwd_dkdv_inner(
         elif HAS_KPM:
             p_t = tl.where(pad_ok[:, None], p_t, 0.0)                               # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            r = tl.rand(seed, (rng_head + offs_m.to(tl.int64) * seq_k)[None, :] + offs_n[:, None])  # [BLOCK_N, BLOCK_M]
-            keep = r >= dropout_p
+            rows = rng_head + offs_m.to(tl.int64) * ((seq_k + 7) // 8)             # [BLOCK_M] first counters
+            keep = keep_tile(seed, rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N, True)  # [BLOCK_N, BLOCK_M]
         if DO_DV:
             if DROPOUT:
-                dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv)  # [BLOCK_N, BLOCK_D]
+                dv = tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, dv)  # [BLOCK_N, BLOCK_D]
             else:
                 dv = tl.dot(p_t.to(do.dtype), do, dv)                               # [BLOCK_N, BLOCK_D]
         if DO_DK:
@@ -343,7 +345,7 @@ def _attention_bwd_dkdv_inner(
                 delta = tl.load(delta_base + offs_m)                                # [BLOCK_M]
             dp_t = tl.dot(v, tl.trans(do))                                          # [BLOCK_N, BLOCK_M]
             if DROPOUT:
-                dp_t = tl.where(keep, dp_t * inv_keep, 0.0)                         # [BLOCK_N, BLOCK_M]
+                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)                         # [BLOCK_N, BLOCK_M]
             ds_t = p_t * (dp_t - delta[None, :])                                    # [BLOCK_N, BLOCK_M]
             dk = tl.dot(ds_t.to(q.dtype), q, dk)                                    # [BLOCK_N, BLOCK_D]
         n_visited += 1
@@ -354,9 +356,9 @@ def _attention_bwd_dkdv_inner(
 def _attention_bwd_dkdv_heads(
     dk, dv, k, v, pad_ok, hk, b64,
     q_ptr, do_ptr, lse2_ptr, delta_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-    offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
-    n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+    n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
@@ -369,17 +371,17 @@ def _attention_bwd_dkdv_heads(
         q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
         do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
         row = (b64 * n_heads + h64) * seq_q
-        rng_head = row * seq_k
+        rng_head = row * ((seq_k + 7) // 8)
         dk, dv, n_visited = _attention_bwd_dkdv_inner(
             dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
-            qk_scale, rng_head, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, DO_DK, DO_DV)
+            start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_threshold, dropout_scale, seed,
+            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, DO_DK, DO_DV)
         dk, dv, n_visited = _attention_bwd_dkdv_inner(
             dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
-            offs_n, offs_d, full_lo, n_full, full_lo, n_full, seq_q, seq_k, shift, window_left, window_right,
-            qk_scale, rng_head, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, DO_DK, DO_DV)
+            start_n, offs_n, offs_d, full_lo, n_full, full_lo, n_full, seq_q, seq_k, shift, window_left, window_right,
+            qk_scale, rng_head, dropout_threshold, dropout_scale, seed,
+            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, DO_DK, DO_DV)
     return dk, dv, n_visited
 
 
@@ -394,7 +396,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, sm_scale, window_left, window_right, dropout_p, seed: tl.int64,
+    qk_scale, sm_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr, SPLIT_DKDV: tl.constexpr,
@@ -448,25 +450,25 @@ def _attention_bwd_dkdv_kernel(
         _, dv, _ = _attention_bwd_dkdv_heads(
             unused, zero, k, k, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-            offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
-            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, False, True)
+            start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
+            seed, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, False, True)
         _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         dk, _, n_visited = _attention_bwd_dkdv_heads(
             zero, unused, k, v, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-            offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
-            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, False)
+            start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
+            seed, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, False)
     else:
         v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         dk, dv, n_visited = _attention_bwd_dkdv_heads(
             zero, zero, k, v, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
-            offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
-            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_p, seed,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, True)
+            start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
+            n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
+            seed, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, True)
         _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dk_base, (dk * sm_scale).to(dk_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dkn, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
@@ -479,8 +481,8 @@ def _attention_bwd_dq_inner(
     dq, n_visited, q, do, lse2, delta,
     k_base, v_base, kpm_base, stride_kn, stride_vn,
     offs_m, offs_d, start_a, n_a, start_b, n_iter, seq_k, shift, window_left, window_right,
-    qk_scale, rng_rows, dropout_p, seed,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    qk_scale, rng_rows, dropout_threshold, dropout_scale, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -507,8 +509,8 @@ def _attention_bwd_dq_inner(
             p = tl.where((pad == 0)[None, :], p, 0.0)                               # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v))                                                # [BLOCK_M, BLOCK_N]
         if DROPOUT:
-            r = tl.rand(seed, rng_rows[:, None] + offs_n[None, :])                  # [BLOCK_M, BLOCK_N]
-            dp = tl.where(r >= dropout_p, dp * (1.0 / (1.0 - dropout_p)), 0.0)      # [BLOCK_M, BLOCK_N]
+            keep = keep_tile(seed, rng_rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+            dp = tl.where(keep, dp * dropout_scale, 0.0)                            # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])                                              # [BLOCK_M, BLOCK_N]
         dq = tl.dot(ds.to(k.dtype), k, dq)                                          # [BLOCK_M, BLOCK_D]
         n_visited += 1
@@ -525,7 +527,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, sm_scale, window_left, window_right, dropout_p, seed: tl.int64,
+    qk_scale, sm_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr,
@@ -552,7 +554,7 @@ def _attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpmb
-    rng_rows = (row + offs_m) * seq_k                                               # [BLOCK_M] int64
+    rng_rows = (row + offs_m) * ((seq_k + 7) // 8)                                 # [BLOCK_M] int64 first counters
 
     shift = seq_k - seq_q
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
@@ -567,13 +569,13 @@ def _attention_bwd_dq_kernel(
     dq, n_visited = _attention_bwd_dq_inner(
         dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
         offs_m, offs_d, lo, n_lead, tail, n_edge, seq_k, shift, window_left, window_right,
-        qk_scale, rng_rows, dropout_p, seed,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+        qk_scale, rng_rows, dropout_threshold, dropout_scale, seed,
+        BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
     dq, n_visited = _attention_bwd_dq_inner(
         dq, n_visited, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn,
         offs_m, offs_d, full_lo, n_full, full_lo, n_full, seq_k, shift, window_left, window_right,
-        qk_scale, rng_rows, dropout_p, seed,
-        BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
+        qk_scale, rng_rows, dropout_threshold, dropout_scale, seed,
+        BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT)
     dq_base = dq_ptr + b64 * stride_dqb + h64 * stride_dqh
     _store_tile(dq_base, (dq * sm_scale).to(dq_ptr.dtype.element_ty), start_m, offs_m0, seq_q, stride_dqm, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
@@ -592,8 +594,7 @@ def _attention_bwd_dq_kernel(
 # How they were chosen (no GPU was available to time them): tile shapes of the Triton
 # fused-attention tutorial and FlashAttention-2 (BLOCK_M 128 for the forward, 8 warps at
 # D = 128), shrunk until every configuration compiled with triton 3.6 for its target with no
-# register spills in the variant with the most live state (band, key padding and dropout:
-# Philox needs ~6 live words per element of the [BLOCK_M, BLOCK_N] tile), and with BLOCK_M
+# register spills in the variant with the most live state (band, key padding and dropout), and with BLOCK_M
 # (forward, dQ) or BLOCK_N (dK/dV) >= 64 so that fp16/bf16 products use HGMMA on sm_90.
 # Compiled with the launcher's specialization for aligned inputs (16-byte aligned pointers,
 # strides multiples of 16), which vectorises the loads; see test_attention_compile.py.
@@ -619,11 +620,6 @@ _CONFIGS = {
         (64, "sm80"): (128, 32, 8, 2), (128, "sm80"): (64, 32, 8, 2), (256, "sm80"): (64, 16, 8, 2),
         (64, "sm90"): (128, 32, 8, 2), (128, "sm90"): (64, 16, 8, 2), (256, "sm90"): (128, 32, 8, 2),
     },
-}
-# Where dropout's Philox state does not fit the main configuration's registers, a smaller
-# tile for calls with dropout_p > 0 (the main entry then serves dropout_p = 0 only).
-_CONFIGS_DROPOUT = {
-    ("_attention_fwd_kernel", 128, "sm90"): (64, 32, 8, 2),
 }
 _CONFIGS_FP32 = {
     "_attention_fwd_kernel": (32, 16, 8, 2),
@@ -672,7 +668,7 @@ def _split_dkdv(t: torch.Tensor, block_d: int) -> bool:
     return (group, _arch(t.device.index or 0)) in _SPLIT_DKDV
 
 
-def _config(kernel: str, t: torch.Tensor, block_d: int, blocks, dropout: bool) -> dict:
+def _config(kernel: str, t: torch.Tensor, block_d: int, blocks) -> dict:
     """Launch meta-parameters of ``kernel`` for inputs like ``t``.  ``blocks`` (tests and tile
     sweeps only): (BLOCK_M, BLOCK_N), or for the dK/dV kernel optionally (BLOCK_M, BLOCK_N,
     SPLIT_DKDV); or a dict of launch meta-parameters (BLOCK_M, BLOCK_N, num_warps, num_stages,
@@ -690,36 +686,29 @@ def _config(kernel: str, t: torch.Tensor, block_d: int, blocks, dropout: bool) -
     if t.dtype == torch.float32:
         bm, bn, w, s = _CONFIGS_FP32[kernel]
     else:
-        group, arch = _head_dim_group(block_d), _arch(t.device.index or 0)
-        cfg = _CONFIGS_DROPOUT.get((kernel, group, arch)) if dropout else None
-        bm, bn, w, s = cfg or _CONFIGS[kernel][(group, arch)]
+        bm, bn, w, s = _CONFIGS[kernel][(_head_dim_group(block_d), _arch(t.device.index or 0))]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **split}
 
 
 def launch_configs() -> list[dict]:
     """Every shipped GPU configuration, one dict per entry: kernel, arch ("sm80"/"sm90"),
     block_d (the largest padded head dim it serves), dtype ("16" = fp16/bf16, "32" = fp32),
-    BLOCK_M, BLOCK_N, num_warps, num_stages, dropout ("any": every call; "no": calls without
-    dropout; "yes": calls with dropout), split_dkdv (the dK/dV kernel's SPLIT_DKDV; False for
+    BLOCK_M, BLOCK_N, num_warps, num_stages, split_dkdv (the dK/dV kernel's SPLIT_DKDV; False for
     the other kernels)."""
     out = []
     for kernel, table in _CONFIGS.items():
         for (block_d, arch), (bm, bn, w, s) in table.items():
             out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
-                        "BLOCK_N": bn, "num_warps": w, "num_stages": s,
-                        "dropout": "no" if (kernel, block_d, arch) in _CONFIGS_DROPOUT else "any"})
-    for (kernel, block_d, arch), (bm, bn, w, s) in _CONFIGS_DROPOUT.items():
-        out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
-                    "BLOCK_N": bn, "num_warps": w, "num_stages": s, "dropout": "yes"})
+                        "BLOCK_N": bn, "num_warps": w, "num_stages": s})
     for kernel, (bm, bn, w, s) in _CONFIGS_FP32.items():
         for arch in ("sm80", "sm90"):
             out.append({"kernel": kernel, "arch": arch, "block_d": 256, "dtype": "32", "BLOCK_M": bm,
-                        "BLOCK_N": bn, "num_warps": w, "num_stages": s, "dropout": "any"})
+                        "BLOCK_N": bn, "num_warps": w, "num_stages": s})
     for block_d in (64, 256):
         for arch in ("sm80", "sm90"):
             out.append({"kernel": "_attention_bwd_preprocess_kernel", "arch": arch, "block_d": block_d,
                         "dtype": "16", "BLOCK_M": _pre_block_m(block_d), "BLOCK_N": 0, "num_warps": 4,
-                        "num_stages": 1, "dropout": "any"})
+                        "num_stages": 1})
     for c in out:
         c["split_dkdv"] = (c["kernel"] == "_attention_bwd_dkdv_kernel" and c["dtype"] == "16"
                            and (c["block_d"], c["arch"]) in _SPLIT_DKDV)
@@ -791,7 +780,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     block_d = block_d_for(D)
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
-    meta = _config("_attention_fwd_kernel", q, block_d, _blocks, dropout)
+    meta = _config("_attention_fwd_kernel", q, block_d, _blocks)
     block_m = meta["BLOCK_M"]
     n_mblocks = triton.cdiv(Nq, block_m)
     counts = torch.empty((B, Hq, n_mblocks), device=q.device, dtype=torch.int32) if count_blocks else lse
@@ -806,7 +795,8 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
         o.stride(0), o.stride(1), o.stride(2),
         stride_kpmb,
         Hq, Hq // Hkv, Nq, Nk,
-        float(scale) * LOG2E, int(left), int(right), float(dropout_p), int(seed or 0),
+        float(scale) * LOG2E, int(left), int(right), dropout_threshold(dropout_p), dropout_scale(dropout_p),
+        int(seed or 0),
         HEAD_DIM=D, BLOCK_D=block_d,
         HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
         COUNT_BLOCKS=count_blocks, **meta,
@@ -836,8 +826,8 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     block_d = block_d_for(D)
     kpm, stride_kpmb, has_kpm = _kpm(key_padding_mask, q)
     dropout = dropout_p > 0.0
-    mdkdv = _config("_attention_bwd_dkdv_kernel", q, block_d, None if _blocks is None else _blocks[0], dropout)
-    mdq = _config("_attention_bwd_dq_kernel", q, block_d, None if _blocks is None else _blocks[1], dropout)
+    mdkdv = _config("_attention_bwd_dkdv_kernel", q, block_d, None if _blocks is None else _blocks[0])
+    mdq = _config("_attention_bwd_dq_kernel", q, block_d, None if _blocks is None else _blocks[1])
     bn_dkdv, bm_dq = mdkdv["BLOCK_N"], mdq["BLOCK_M"]
     n_dq = triton.cdiv(Nq, bm_dq)
     n_dkdv = triton.cdiv(Nk, bn_dkdv)
@@ -862,7 +852,7 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm,
                   DROPOUT=dropout, COUNT_BLOCKS=count_blocks)
     scalars = (Hq, Hq // Hkv, Nq, Nk, float(scale) * LOG2E, float(scale), int(left), int(right),
-               float(dropout_p), int(seed or 0))
+               dropout_threshold(dropout_p), dropout_scale(dropout_p), int(seed or 0))
     _attention_bwd_dkdv_kernel[(n_dkdv, Hkv, B)](
         q, k, v, do, lse2, delta, dk, dv, kpm, cnt_dkdv,
         q.stride(0), q.stride(1), q.stride(2),

@@ -1,8 +1,8 @@
 """Fused bias + activation + dropout, forward and backward.
 
     z = x + bias                       bias (C,) broadcast over the rows of x (M, C)
-    y = dropout(act(z))                kept iff tl.rand(seed, m * C + c) >= p, kept values times 1 / (1 - p)
-    dz = dy * keep / (1 - p) * act'(z) (backward; dx = dz, dbias = sum over rows of dz)
+    y = dropout(act(z))                keep-mask of kernels/dropout.py over the (M, C) matrix, kept values times s
+    dz = dy * keep * s * act'(z)       (backward; dx = dz, dbias = sum over rows of dz)
 
 The Transformer feed-forward block runs its first GEMM without bias and then this
 one elementwise kernel, where torch runs the biased GEMM, the activation and a
@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import dropout_scale, dropout_threshold, keep_tile
+
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 TILE = 2048        # elements per program: 8 values per thread at 8 warps (one 16-byte bf16 vector)
@@ -41,7 +43,7 @@ MAX_BLOCK_N = 128  # columns per tile; a bf16 row segment of 256 bytes
 # Ints that Triton's launcher must not specialise (divisible by 16, equal to 1): they only bound
 # masks and loops or key Philox (the seed is always i64), so one binary serves every value, the
 # one tests/kernels compile-checks.
-RUNTIME_INTS = ["n_rows", "n_cols", "n_col_blocks", "seed"]
+RUNTIME_INTS = ["n_rows", "n_cols", "n_col_blocks", "threshold", "seed"]
 
 
 @triton.jit
@@ -111,15 +113,15 @@ def _tile_preactivation(x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks,
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)         # [BLOCK_N]
         z = z + b[None, :]
-    return pid_m, offs_m, offs_n, mask_n, mask, z
+    return pid_m, offs_m, pid_n * BLOCK_N, offs_n, mask_n, mask, z
 
 
 @triton.jit
-def _dropout(v, seed, p, keep_scale, offs_m, offs_n, n_cols):
-    """Dropout of a tile: the Philox counter is the element's row-major index in the logical (M, C)
-    tensor; the backward regenerates the same keep-mask from it."""
-    r = tl.rand(seed, offs_m[:, None] * n_cols + offs_n[None, :])                   # [BLOCK_M, BLOCK_N]
-    return tl.where(r >= p, v * keep_scale, 0.0)
+def _dropout(v, seed, threshold, keep_scale, offs_m, start_n, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout of a tile: element (m, c) of the logical (M, C) matrix in the dropout stream (kernels/dropout.py);
+    the backward regenerates the same keep-mask."""
+    keep = keep_tile(seed, offs_m * ((n_cols + 7) // 8), start_n, threshold, BLOCK_M, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+    return tl.where(keep, v * keep_scale, 0.0)
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
@@ -127,18 +129,18 @@ def _bias_act_fwd_kernel(
     x_ptr, b_ptr, y_ptr,
     stride_xm, stride_ym,
     n_rows, n_cols, n_col_blocks,
-    seed: tl.int64, p, keep_scale,
+    seed: tl.int64, threshold, keep_scale,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m, offs_m, offs_n, mask_n, mask, z = _tile_preactivation(
+    pid_m, offs_m, start_n, offs_n, mask_n, mask, z = _tile_preactivation(
         x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks, HAS_BIAS, BLOCK_M, BLOCK_N)
     y = _act_fwd(z, ACT)                                                            # [BLOCK_M, BLOCK_N]
     if HAS_DROPOUT:
-        y = _dropout(y, seed, p, keep_scale, offs_m, offs_n, n_cols)
+        y = _dropout(y, seed, threshold, keep_scale, offs_m, start_n, n_cols, BLOCK_M, BLOCK_N)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -147,18 +149,18 @@ def _bias_act_bwd_kernel(
     dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_partial_ptr,
     stride_dym, stride_xm, stride_dxm,
     n_rows, n_cols, n_col_blocks,
-    seed: tl.int64, p, keep_scale,
+    seed: tl.int64, threshold, keep_scale,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m, offs_m, offs_n, mask_n, mask, z = _tile_preactivation(
+    pid_m, offs_m, start_n, offs_n, mask_n, mask, z = _tile_preactivation(
         x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks, HAS_BIAS, BLOCK_M, BLOCK_N)
     g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        g = _dropout(g, seed, p, keep_scale, offs_m, offs_n, n_cols)
+        g = _dropout(g, seed, threshold, keep_scale, offs_m, start_n, n_cols, BLOCK_M, BLOCK_N)
     dz = g * _act_grad(z, ACT)                                                      # [BLOCK_M, BLOCK_N]
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_n[None, :], dz.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
@@ -181,10 +183,10 @@ def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int, int]:
     return n_row_blocks * n_col_blocks, n_row_blocks, n_col_blocks
 
 
-def _dropout_args(dropout_p: float, seed: int) -> tuple[int, float, float]:
+def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     if dropout_p > 0.0:
-        return int(seed), float(dropout_p), 1.0 / (1.0 - float(dropout_p))
-    return 0, 0.0, 1.0
+        return int(seed), dropout_threshold(dropout_p), dropout_scale(dropout_p)
+    return 0, 0, 1.0
 
 
 def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *, activation: int,
@@ -197,12 +199,12 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, 
         return out
     cfg = launch_config(n_cols)
     n_prog, _, n_col_blocks = _grid(n_rows, n_cols, cfg)
-    seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    seed, threshold, keep_scale = _dropout_args(dropout_p, seed)
     _bias_act_fwd_kernel[(n_prog,)](
         x, x if bias is None else bias, out,
         x.stride(0), out.stride(0),
         n_rows, n_cols, n_col_blocks,
-        seed, p, keep_scale,
+        seed, threshold, keep_scale,
         ACT=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
@@ -222,12 +224,12 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, d
     partial = None
     if bias is not None:
         partial = torch.empty(n_row_blocks, n_cols, dtype=torch.float32, device=x.device)
-    seed, p, keep_scale = _dropout_args(dropout_p, seed)
+    seed, threshold, keep_scale = _dropout_args(dropout_p, seed)
     _bias_act_bwd_kernel[(n_prog,)](
         dy, x, x if bias is None else bias, dx, dx if partial is None else partial,
         dy.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, n_col_blocks,
-        seed, p, keep_scale,
+        seed, threshold, keep_scale,
         ACT=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )

@@ -1,12 +1,12 @@
 """Fused dropout + residual add + LayerNorm over the last dim, forward and backward.
 
-    h = residual + dropout(x)        (kept iff tl.rand(seed, row * C + col) >= p, kept values * 1/(1-p))
+    h = residual + dropout(x)        (keep-mask of kernels/dropout.py over the (rows, C) matrix, kept values * s)
     y = (h - mean(h)) * rstd * weight + bias,     rstd = 1 / sqrt(var(h) + eps)   (biased variance)
 
 backward, with xhat = (h - mean) * rstd and g = dy * weight:
 
     dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh_in       (dh_in: gradient of the h output)
-    dresidual = dh,   dx = dh * keep / (1 - p),   dweight = sum_rows dy * xhat,   dbias = sum_rows dy
+    dresidual = dh,   dx = dh * keep * s,   dweight = sum_rows dy * xhat,   dbias = sum_rows dy
 
 PyTorch runs dropout, add and layer_norm as three kernels and stores the dropout
 mask; here the forward is one pass over a row held in registers and the backward
@@ -40,42 +40,37 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import dropout_scale, dropout_threshold, keep_row
+
 # Largest row held in registers: at 16 warps, 16 fp32 values per thread and tensor.
 MAX_COLS = 8192
 # Ints that Triton's launcher must not specialise (divisible by 16, equal to 1): they only bound
 # masks and loops or key Philox (the seed is always i64), so one binary serves every value, the
 # one tests/kernels compile-checks.
-RUNTIME_INTS = ["n_rows", "n_cols", "rows_per_program", "seed"]
+RUNTIME_INTS = ["n_rows", "n_cols", "rows_per_program", "dropout_threshold", "seed"]
 # The backward holds at most this many columns per block (longer rows loop over blocks).
 BWD_MAX_BLOCK = 4096
-# Philox offsets are int32 up to this many elements (tests lower it to check the int64 variant).
-OFFS_32_LIMIT = 2**31 - 1
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def _dropout_add_layer_norm_fwd_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
     stride_xm, stride_rm, stride_ym, stride_hm,
-    n_cols, eps, dropout_p, dropout_scale, seed: tl.int64,
+    n_cols, eps, dropout_threshold, dropout_scale, seed: tl.int64,
     BLOCK_C: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     STORE_H: tl.constexpr,
-    OFFS_64: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)                                             # [BLOCK_C]
     mask = offs_c < n_cols
     h = tl.load(x_ptr + row * stride_xm + offs_c, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_C]
     if HAS_DROPOUT:
-        # Offset = linear index in the logical (rows, C) layout.
-        if OFFS_64:
-            r = tl.rand(seed, row * n_cols + offs_c)                           # [BLOCK_C]
-        else:
-            r = tl.rand(seed, row.to(tl.int32) * n_cols + offs_c)              # [BLOCK_C]
-        h = tl.where(r >= dropout_p, h * dropout_scale, 0.0)
+        keep = keep_row(seed, row * ((n_cols + 7) // 8), 0, dropout_threshold, BLOCK_C)  # [BLOCK_C]
+        h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(res_ptr + row * stride_rm + offs_c, mask=mask, other=0.0).to(tl.float32)
     if STORE_H:
@@ -114,9 +109,9 @@ def _bwd_load(h_ptr, dy_ptr, w_ptr, row, stride_hm, stride_dym, cols, mask, mean
 
 @triton.jit
 def _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_dxm, cols, mask,
-               xhat, g, c_xhat, c_g, rstd, n_cols, dropout_p, dropout_scale, seed,
+               start, xhat, g, c_xhat, c_g, rstd, n_cols, dropout_threshold, dropout_scale, seed,
                HAS_DH_IN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               OFFS_64: tl.constexpr):
+               BLOCK_C: tl.constexpr):
     """dh of one column block from the row's two sums; stores dresidual = dh and dx = dropout'(dh)."""
     dh = (g - (xhat * c_xhat + c_g)) * rstd                                                # [BLOCK_C]
     if HAS_DH_IN:
@@ -124,12 +119,9 @@ def _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_d
     if HAS_RESIDUAL:
         tl.store(dres_ptr + row * stride_drm + cols, dh.to(dres_ptr.dtype.element_ty), mask=mask)
     if HAS_DROPOUT:
-        # The forward's numbers, regenerated: same (seed, row * C + col).
-        if OFFS_64:
-            r = tl.rand(seed, row * n_cols + cols)                                         # [BLOCK_C]
-        else:
-            r = tl.rand(seed, row.to(tl.int32) * n_cols + cols)                            # [BLOCK_C]
-        dh = tl.where(r >= dropout_p, dh * dropout_scale, 0.0)
+        # The forward's mask, regenerated.
+        keep = keep_row(seed, row * ((n_cols + 7) // 8), start, dropout_threshold, BLOCK_C)  # [BLOCK_C]
+        dh = tl.where(keep, dh * dropout_scale, 0.0)
     tl.store(dx_ptr + row * stride_dxm + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -137,7 +129,7 @@ def _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_d
 def _dropout_add_layer_norm_bwd_kernel(
     dy_ptr, dhin_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr,
     stride_dym, stride_dhm, stride_hm, stride_dxm, stride_drm,
-    n_rows, n_cols, rows_per_program, dropout_p, dropout_scale, seed: tl.int64,
+    n_rows, n_cols, rows_per_program, dropout_threshold, dropout_scale, seed: tl.int64,
     BLOCK_C: tl.constexpr,
     LOOPED: tl.constexpr,
     HAS_DH_IN: tl.constexpr,
@@ -145,7 +137,6 @@ def _dropout_add_layer_norm_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    OFFS_64: tl.constexpr,
 ):
     # LOOPED=False: the row is one block, read once; dweight/dbias partials sit in registers.
     # LOOPED=True (rows wider than BLOCK_C): a first sweep over the row's blocks takes the two
@@ -193,8 +184,8 @@ def _dropout_add_layer_norm_bwd_kernel(
                 if HAS_BIAS:
                     tl.store(db_row + cols, tl.load(db_row + cols, mask=mask, other=0.0) + dy, mask=mask)
                 _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_dxm, cols, mask,
-                           xhat, g, c_xhat, c_g, rstd, n_cols, dropout_p, dropout_scale, seed,
-                           HAS_DH_IN, HAS_RESIDUAL, HAS_DROPOUT, OFFS_64)
+                           start, xhat, g, c_xhat, c_g, rstd, n_cols, dropout_threshold, dropout_scale, seed,
+                           HAS_DH_IN, HAS_RESIDUAL, HAS_DROPOUT, BLOCK_C)
         else:
             xhat, dy, g = _bwd_load(h_ptr, dy_ptr, w_ptr, row, stride_hm, stride_dym, cols0, mask0, mean, rstd,
                                     HAS_WEIGHT)
@@ -205,8 +196,8 @@ def _dropout_add_layer_norm_bwd_kernel(
             c_xhat = tl.sum(g * xhat, axis=0) / n_cols                         # scalar
             c_g = tl.sum(g, axis=0) / n_cols                                   # scalar
             _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_dxm, cols0, mask0,
-                       xhat, g, c_xhat, c_g, rstd, n_cols, dropout_p, dropout_scale, seed,
-                       HAS_DH_IN, HAS_RESIDUAL, HAS_DROPOUT, OFFS_64)
+                       0, xhat, g, c_xhat, c_g, rstd, n_cols, dropout_threshold, dropout_scale, seed,
+                       HAS_DH_IN, HAS_RESIDUAL, HAS_DROPOUT, BLOCK_C)
     if not LOOPED:
         if HAS_WEIGHT:
             tl.store(dw_row + cols0, dw_acc, mask=mask0)
@@ -225,15 +216,12 @@ def launch_config(n_cols: int, backward: bool = False) -> dict:
     if backward and block > BWD_MAX_BLOCK:
         block, looped = BWD_MAX_BLOCK, True
     cfg = {"BLOCK_C": block, "num_warps": min(16, max(1, block // 256))}
+    # Registers a thread may use when one block fills the SM's 64K: ptxas, left to itself, kept
+    # the 16-warp forward at 64 and spilled (sm_80, dropout on, 8192 columns).
+    cfg["maxnreg"] = min(255, 65536 // (32 * cfg["num_warps"]))
     if backward:
         cfg["LOOPED"] = looped
     return cfg
-
-
-def offsets_64(n_rows: int, n_cols: int) -> bool:
-    """Whether the Philox offsets row * C + col need int64 (else int32: the same numbers, since
-    Triton's Philox counter is (low word, high word) and the high word is 0 either way)."""
-    return n_rows * n_cols > OFFS_32_LIMIT
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,10 +261,10 @@ def dropout_add_layer_norm_fwd(x, residual, weight, bias, *, eps: float, dropout
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, h if h is not None else y, mean, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), h.stride(0) if store_h else 0,
-        n_cols, float(eps), p, 1.0 / (1.0 - p), int(seed),
+        n_cols, float(eps), dropout_threshold(p), dropout_scale(p), int(seed),
         BLOCK_C=cfg["BLOCK_C"], HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, STORE_H=store_h, OFFS_64=offsets_64(n_rows, n_cols),
-        num_warps=cfg["num_warps"],
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, STORE_H=store_h,
+        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
     )
     return y, h, mean, rstd
 
@@ -306,10 +294,10 @@ def dropout_add_layer_norm_bwd(dy, dh_in, h, weight, mean, rstd, *, dropout_p: f
             dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
             dy.stride(0), dh_in.stride(0) if dh_in is not None else 0, h.stride(0), dx.stride(0),
             dres.stride(0) if dres is not None else 0,
-            n_rows, n_cols, rows_per_program, p, 1.0 / (1.0 - p), int(seed),
+            n_rows, n_cols, rows_per_program, dropout_threshold(p), dropout_scale(p), int(seed),
             BLOCK_C=cfg["BLOCK_C"], LOOPED=cfg["LOOPED"], HAS_DH_IN=dh_in is not None,
             HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DROPOUT=p > 0.0,
-            OFFS_64=offsets_64(n_rows, n_cols), num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
         )
     dw = db = None
     if weight is not None:

@@ -23,12 +23,14 @@ device torch supports and never relies on signed-overflow behaviour.
 """
 from __future__ import annotations
 
-import functools
+import sys
 
 import numpy as np
 import torch
 
-__all__ = ["philox_uniform", "philox_normal", "philox_keep", "philox_randint4x", "MAX_SEED"]
+__all__ = ["philox_uniform", "philox_normal", "philox_randint4x", "dropout_keep", "dropout_mask", "dropout_threshold",
+           "dropout_scale",
+           "MAX_SEED"]
 
 MAX_SEED = 2**63 - 1
 
@@ -133,21 +135,8 @@ def philox_normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 # Philox constants minus 2**32: negative, |a| < 2**31, so c * a is exact in int64 for any 32-bit c.
 _ROUND_A_NEG = _ROUND_A - (1 << 32)
 _ROUND_B_NEG = _ROUND_B - (1 << 32)
-_KEEP_CHUNK = 1 << 16      # offsets per pass and thread: the round's temporaries stay in cache
-
-
-@functools.lru_cache(maxsize=64)
-def _keep_threshold(p: float) -> int:
-    """The least 31-bit value x whose uniform ``_uint_to_uniform(x)`` is >= p (2**31 if none).  The
-    map is monotone, so ``uniform >= p`` is ``x >= threshold``: found by bisection on the very map."""
-    lo, hi = 0, 1 << 31
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if bool(_uint_to_uniform(torch.tensor([mid], dtype=torch.int64))[0] >= p):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+_CHUNK = 1 << 15           # counters per pass and thread: the rounds' temporaries stay in cache
+_DROP_ONE = 1 << 16        # the resolution of a dropout decision
 
 
 def _mulhilo(c: torch.Tensor, a_neg: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,35 +146,69 @@ def _mulhilo(c: torch.Tensor, a_neg: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (prod >> 32) + c, prod & _MASK32
 
 
-def philox_keep(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout keep-mask ``philox_uniform(seed, offsets) >= p``, bit for bit (tested), several times faster.
+def _philox_words_fast(k0: int, k1: int, ctr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``philox_randint4x`` for int64 counters in [0, 2**63), returned unmasked: each word is correct in
+    its low 32 bits.  One int64 multiply per 32x32 product (``_mulhilo``), masks deferred past the xors."""
+    hi_a, c3 = _mulhilo(ctr & _MASK32, _ROUND_A_NEG)      # round 1: c2 = c3 = 0
+    c0, c1, c2 = ctr >> 32 ^ k0, None, hi_a.bitwise_xor_(k1).bitwise_and_(_MASK32)
+    for _ in range(1, _N_ROUNDS):
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+        hi_b, lo_b = _mulhilo(c2, _ROUND_B_NEG)
+        n0 = hi_b.bitwise_xor_(k0) if c1 is None else hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
+        hi_a, lo_a = _mulhilo(c0, _ROUND_A_NEG)
+        c0, c1, c2, c3 = n0.bitwise_and_(_MASK32), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32), lo_a
+    return c0, c1, c2, c3
 
-    The same Philox-4x32-10 as ``philox_randint4x``, but: products exact in int64
-    through negative constants (one multiply per product instead of four), only the words each round
-    needs, masks deferred past the xors, the comparison as a range test on the raw first word
-    (uniform(x) >= p iff t <= x <= 2**32 - 1 - t, x read unsigned; ``_keep_threshold``), and the
-    offsets in cache-sized chunks."""
-    t = _keep_threshold(float(p))
-    flat = offsets.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+
+def dropout_threshold(p: float) -> int:
+    """The 16-bit threshold of drop probability ``p`` in [0, 1): round(p * 2**16), at most 2**16 - 1
+    (``leedl_fast.kernels.dropout.dropout_threshold``, the same function)."""
+    return min(round(float(p) * _DROP_ONE), _DROP_ONE - 1)
+
+
+def dropout_scale(p: float) -> float:
+    """The factor on kept values: 1 / (1 - the drop probability the threshold applies), so that the
+    dropout is exactly unbiased; it differs from 1 / (1 - p) by a relative 2**-17 / (1 - p) at most."""
+    return _DROP_ONE / (_DROP_ONE - dropout_threshold(p))
+
+
+def dropout_keep(seed: int, rows: torch.Tensor, n_cols: int, p: float, cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """The keep-mask every dropout of leedl_fast applies, bit for bit the kernels' (kernels/dropout.py).
+
+    Element (r, j) of a matrix with ``n_cols`` columns takes the 16-bit number ``s = j % 8`` of the
+    Philox call at counter ``r * ceil(n_cols / 8) + j // 8``: half ``s % 2`` (low first) of word
+    ``s // 2`` of ``philox_randint4x``; it is kept iff that number is >= ``dropout_threshold(p)``.
+    ``rows``: an integer tensor of row indices r, any shape; ``cols = (start, stop)``: the columns
+    (all of them by default).  Returns bool ``(*rows.shape, stop - start)`` on ``rows``' device."""
     seed = _check_seed(seed)
-    k0_seed, k1_seed = seed & _MASK32, (seed >> 32) & _MASK32
-    chunk = _KEEP_CHUNK * max(1, torch.get_num_threads()) if flat.device.type == "cpu" else max(1, flat.numel())
-    for s in range(0, flat.numel(), chunk):
-        off = flat[s:s + chunk]
-        k0, k1 = k0_seed, k1_seed
-        # round 1 with c2 = c3 = 0 (the counter's upper words)
-        hi_a, c3 = _mulhilo(off & _MASK32, _ROUND_A_NEG)
-        c0, c1, c2 = (off >> 32) ^ k0, None, hi_a.bitwise_xor_(k1).bitwise_and_(_MASK32)
-        for r in range(1, _N_ROUNDS):
-            k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-            hi_b, lo_b = _mulhilo(c2, _ROUND_B_NEG)
-            n0 = hi_b.bitwise_xor_(k0) if c1 is None else hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
-            n0 = n0.bitwise_and_(_MASK32)
-            if r < _N_ROUNDS - 1:           # the last round needs only the first word
-                hi_a, lo_a = _mulhilo(c0, _ROUND_A_NEG)
-                c2 = hi_a.bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
-                c1, c3 = lo_b, lo_a
-            c0 = n0
-        torch.logical_and(c0 >= t, c0 <= _MASK32 - t, out=out[s:s + chunk])
-    return out.view(offsets.shape)
+    rows = _check_offsets(rows)
+    start, stop = (0, n_cols) if cols is None else (int(cols[0]), int(cols[1]))
+    if not 0 <= start <= stop <= n_cols:
+        raise ValueError(f"cols must satisfy 0 <= start <= stop <= n_cols = {n_cols}, got {cols}")
+    t = dropout_threshold(p)
+    g0, g1 = start // 8, -(-stop // 8)
+    ctr = (rows.reshape(-1, 1) * (-(-n_cols // 8)) + torch.arange(g0, g1, device=rows.device)).reshape(-1)
+    out = torch.empty((ctr.numel(), 4, 2), dtype=torch.bool, device=rows.device)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    chunk = _CHUNK * max(1, torch.get_num_threads()) if rows.device.type == "cpu" else max(1, ctr.numel())
+    for s in range(0, ctr.numel(), chunk):
+        words = torch.stack(_philox_words_fast(k0, k1, ctr[s:s + chunk]), -1)          # [n, 4] int64
+        if sys.byteorder == "little":
+            # The int16 pairs at the start of each int64 are the word's two halves, low first; flipping the
+            # sign bit maps the unsigned order onto int16's (the upper halves of the int64 are never read).
+            halves = words.view(torch.int16).view(-1, 4, 4)[..., :2]                    # [n, 4, 2] as int16
+            torch.ge(halves ^ -0x8000, t - 0x8000, out=out[s:s + chunk])
+        else:
+            torch.ge(torch.stack([words & 0xFFFF, (words >> 16) & 0xFFFF], -1), t, out=out[s:s + chunk])
+    return out.view(*rows.shape, (g1 - g0) * 8)[..., start - 8 * g0:stop - 8 * g0]
+
+
+def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """``dropout_keep`` of a tensor of ``shape`` (..., C) seen as a (rows, C) matrix, the leading dims
+    flattened row-major: the mask of the row-wise dropout ops (bias + activation, residual + LayerNorm)."""
+    shape = tuple(int(s) for s in shape)
+    n_cols = shape[-1] if shape else 1
+    n_rows = 1
+    for s in shape[:-1]:
+        n_rows *= s
+    return dropout_keep(seed, torch.arange(n_rows, dtype=torch.int64, device=device), n_cols, p).reshape(shape)

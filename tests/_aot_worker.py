@@ -26,7 +26,8 @@ def _one(cfg: dict, cc: int) -> dict:
         attrs = {(fn.arg_names.index(name),): a for name, a in cfg.get("attrs", {}).items()}
         src = ASTSource(fn=fn, signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                    **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})})
     except Exception as exc:  # the report carries the compiler's message
         rep["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
         return rep

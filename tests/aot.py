@@ -33,6 +33,7 @@ class KernelConfig:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None  # the launch's register cap (Triton's maxnreg option), None for ptxas's own
     label: str = ""
     # argument name -> attributes, as Triton's launcher specializes them at run time, e.g.
     # {"q_ptr": [["tt.divisibility", 16]]} for a 16-byte aligned pointer or a stride that is a
@@ -40,7 +41,7 @@ class KernelConfig:
     attrs: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("module", "kernel", "signature", "constexprs", "num_warps", "num_stages",
+        return {k: getattr(self, k) for k in ("module", "kernel", "signature", "constexprs", "num_warps", "num_stages", "maxnreg",
                                               "label", "attrs")}
 
 

@@ -7,6 +7,8 @@ from leedl_fast.random import MAX_SEED, philox_normal, philox_randint4x, philox_
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+from leedl_fast.kernels.dropout import keep_row, keep_tile  # noqa: E402  (needs triton)
+
 
 @triton.jit
 def _draw_kernel(seed, off_ptr, u_ptr, n_ptr, N, BLOCK: tl.constexpr):
@@ -72,20 +74,90 @@ def test_bad_offsets():
         philox_uniform(0, torch.arange(3.0))
 
 
-def test_fast_philox_keep_is_bit_identical():
-    """``philox_keep``, the dropout paths' keep-mask generator, equals ``philox_uniform(seed, offsets) >= p`` exactly:
-    offsets past 2**32 (the counter's second word), extreme seeds, p on a drawn value's boundary."""
-    from leedl_fast.random import philox_keep, philox_uniform
+def _keep_by_definition(seed, rows, n_cols, p):
+    """The dropout stream's definition, element by element from philox_randint4x."""
+    from leedl_fast.random import dropout_threshold
 
-    g = torch.Generator().manual_seed(0)
-    offsets = [torch.randint(0, 2**62, (70001,), generator=g),
-               torch.arange(50000, dtype=torch.int64) + 2**32 - 25000,
-               torch.arange(3 * 5 * 7 * 11, dtype=torch.int64).view(3, 5, 7, 11)]
-    for off in offsets:
-        for seed in (0, 1, 2**40 + 12345, 2**63 - 1):
-            u = philox_uniform(seed, off)
-            flat = u.reshape(-1)
-            for p in (0.1, 0.5, 1e-9, 0.999999, 0.99999997, float(flat[17]), float(flat[3]), float(flat.max())):
-                keep = philox_keep(seed, off, p)
-                assert keep.shape == off.shape and keep.dtype == torch.bool
-                assert torch.equal(keep, u >= p), (seed, p)
+    t = dropout_threshold(p)
+    j = torch.arange(n_cols)
+    ctr = rows[:, None] * ((n_cols + 7) // 8) + j[None, :] // 8
+    words = philox_randint4x(seed, ctr)
+    s = (j % 8).expand_as(ctr)
+    w = torch.stack(words, -1).gather(-1, (s // 2)[..., None])[..., 0]
+    return ((w >> (16 * (s % 2))) & 0xFFFF) >= t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**40 + 12345, MAX_SEED])
+def test_dropout_keep_matches_its_definition(seed):
+    """``dropout_keep`` (the fast int64 Philox, all four words, halves) equals the definition: counters
+    past 2**32, widths not a multiple of 8, column ranges that start and stop inside a group of 8."""
+    from leedl_fast.random import dropout_keep
+
+    rows = torch.cat([torch.arange(0, 40), torch.tensor([2**29 + 3, 2**33 // 37, 2**55])])
+    for n_cols in (1, 7, 8, 37, 200):
+        for p in (0.1, 0.5, 1e-6, 0.999999):
+            ref = _keep_by_definition(seed, rows, n_cols, p)
+            assert torch.equal(dropout_keep(seed, rows, n_cols, p), ref), (n_cols, p)
+        for a, b in ((0, n_cols), (n_cols // 3, n_cols), (1, max(1, n_cols - 2)), (n_cols, n_cols)):
+            got = dropout_keep(seed, rows.view(-1, 1), n_cols, 0.3, (a, b))
+            assert got.shape == (rows.numel(), 1, b - a)
+            assert torch.equal(got[:, 0], _keep_by_definition(seed, rows, n_cols, 0.3)[:, a:b])
+
+
+def test_dropout_threshold_and_scale():
+    from leedl_fast.random import dropout_keep, dropout_mask, dropout_scale, dropout_threshold
+
+    assert [dropout_threshold(p) for p in (0.0, 0.1, 0.5, 1 - 2**-17, 0.9999999)] == [0, 6554, 32768, 65535, 65535]
+    for p in (0.0, 0.1, 0.25, 0.5, 0.9, 0.999):
+        applied = dropout_threshold(p) / 2**16
+        assert abs(applied - p) <= 2**-17
+        assert dropout_scale(p) == 1.0 / (1.0 - applied)
+    # The fraction kept and the unbiasedness over 4M decisions (binomial sd ~ 2.4e-4 at p = 0.3).
+    keep = dropout_keep(11, torch.arange(4096), 1000, 0.3).float()
+    assert abs(keep.mean().item() - 0.7) < 1.5e-3
+    assert abs(keep.mean().item() * dropout_scale(0.3) - 1.0) < 2.5e-3
+    # Neighbouring decisions (in one Philox call, and across calls) are uncorrelated.
+    flat = keep.reshape(-1)
+    assert torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].abs() < 3e-3
+    # dropout_mask is dropout_keep over the leading dims flattened to rows.
+    assert torch.equal(dropout_mask(5, (3, 4, 19), 0.2), dropout_keep(5, torch.arange(12), 19, 0.2).view(3, 4, 19))
+
+
+def test_kernel_threshold_is_the_same_function():
+    from leedl_fast.kernels import dropout as kd
+    from leedl_fast.random import dropout_scale, dropout_threshold
+
+    for p in [i / 997 for i in range(997)] + [2**-17, 3 * 2**-17, 1 - 2**-17, 1 - 1e-12]:
+        assert kd.dropout_threshold(p) == dropout_threshold(p) and kd.dropout_scale(p) == dropout_scale(p)
+
+
+@triton.jit
+def _keep_kernel(out_ptr, out_t_ptr, row_ptr, seed, n_cols, start, threshold,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    rows = tl.load(row_ptr + offs_r) * ((n_cols + 7) // 8)
+    keep = keep_tile(seed, rows, start, threshold, BLOCK_R, BLOCK_C)                   # [R, C]
+    tl.store(out_ptr + offs_r[:, None] * BLOCK_C + offs_c[None, :], keep.to(tl.int8))
+    keep_t = keep_tile(seed, rows, start, threshold, BLOCK_R, BLOCK_C, True)           # [C, R]
+    tl.store(out_t_ptr + offs_c[:, None] * BLOCK_R + offs_r[None, :], keep_t.to(tl.int8))
+    first = keep_row(seed, tl.load(row_ptr) * ((n_cols + 7) // 8), start, threshold, BLOCK_C)  # [C]
+    tl.store(out_ptr + BLOCK_R * BLOCK_C + offs_c, first.to(tl.int8))
+
+
+@pytest.mark.parametrize("n_cols,start", [(37, 0), (37, 32), (300, 64), (16, 0)])
+def test_kernel_keep_tiles_match(n_cols, start, triton_path):
+    """kernels/dropout.py's keep_tile (both orientations) and keep_row equal ``dropout_keep``."""
+    from leedl_fast.random import dropout_keep, dropout_threshold
+
+    seed, p, R, C = 2**35 + 9, 0.37, 16, 32
+    rows = torch.tensor([0, 1, 2, 5, 9, 77, 1000, 2**20 + 1, 3, 4, 6, 7, 8, 10, 11, 2**30], dtype=torch.int64)
+    out = torch.zeros(R * C + C, dtype=torch.int8, device=triton_path)
+    out_t = torch.zeros(C, R, dtype=torch.int8, device=triton_path)
+    _keep_kernel[(1,)](out, out_t, rows.to(triton_path), seed, n_cols, start, dropout_threshold(p), BLOCK_R=R, BLOCK_C=C)
+    out, out_t = out.cpu(), out_t.cpu()
+    stop = min(n_cols, start + C)
+    ref = dropout_keep(seed, rows, n_cols, p, (start, stop)).to(torch.int8)
+    assert torch.equal(out[:R * C].view(R, C)[:, :stop - start], ref)
+    assert torch.equal(out_t.T[:, :stop - start], ref)
+    assert torch.equal(out[R * C:][:stop - start], ref[0])

@@ -53,7 +53,8 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import backend
-from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _math_keep, attention, normalize_window
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _dropout_keep, attention, normalize_window
+from ..random import dropout_scale
 from ..random import MAX_SEED
 
 __all__ = ["MultiheadAttention", "TruncatedSelfAttention"]
@@ -382,8 +383,8 @@ class MultiheadAttention(nn.Module):
             w = F.dropout(w, dropout_p)                                                  # torch's, as torch.nn's
         elif dropout_p > 0:
             seed = int(torch.randint(0, MAX_SEED, (), dtype=torch.int64).item())
-            keep = _math_keep(seed, q, n_kx, 0, n_q, 0, n_kx, dropout_p)                # the kernel's Philox mask
-            w = w * keep / (1.0 - dropout_p)
+            keep = _dropout_keep(seed, q, n_kx, 0, n_q, 0, n_kx, dropout_p)  # the kernel's mask
+            w = w * keep * dropout_scale(dropout_p)
         return w @ v, w
 
 

@@ -43,10 +43,12 @@ never NaN.
 Dropout
 -------
 ``dropout_p`` drops normalised probabilities: P_ij is kept iff
-``philox_uniform(seed, ((b * Hq + h) * Nq + i) * Nk + j) >= dropout_p`` and kept
-values are scaled by 1 / (1 - dropout_p).  The kernel draws the same numbers with
-``tl.rand`` and regenerates them in the backward pass, so both paths compute the
-same function for the same seed.  ``seed=None`` draws one from torch's default
+``leedl_fast.random.dropout_keep(seed, rows=(b * Hq + h) * Nq + i, n_cols=Nk, p=dropout_p)``
+keeps column j: eight 16-bit decisions per Philox call (kernels/dropout.py says why), so the
+drop probability applied is dropout_p rounded to a multiple of 2**-16, and kept values are
+scaled by ``dropout_scale(dropout_p)``, one over its complement (exactly unbiased).  The
+kernel draws the same numbers and regenerates them in the backward pass, so both paths
+compute the same function for the same seed.  ``seed=None`` draws one from torch's default
 generator (``torch.manual_seed`` makes runs reproducible).
 
 How autograd and the custom ops fit
@@ -92,12 +94,9 @@ The torch path (CPU fallback)
   exists, forward or backward (peak memory measured in ``bench/``).
 * With dropout (or when the torch path is forced on a non-CPU device) the same
   blocks run plain PyTorch math in float32 (float64 for float64 inputs) with the
-  Philox keep-mask regenerated block by block in the backward; memory stays
-  bounded by the block size.  The mask comes from ``leedl_fast.random.philox_keep`` (bit for bit
-  ``philox_uniform(...) >= p``, about 8x faster), yet Philox in eager int64
-  tensor ops still costs ~100 ns per score on one core, twice (forward and
-  backward): dropout on this path is several times slower than SDPA's, whose
-  CPU dropout draws its mask from torch's own generator (not the kernel's numbers).
+  Philox keep-mask (``leedl_fast.random.dropout_keep``, one Philox call per eight
+  scores in eager int64 tensor ops) regenerated block by block in the backward; memory
+  stays bounded by the block size.
 """
 from __future__ import annotations
 
@@ -107,7 +106,7 @@ from typing import Optional
 import torch
 
 from .. import backend
-from ..random import philox_keep, philox_uniform
+from ..random import dropout_keep, dropout_scale
 from ._common import check_dropout, check_same, check_tensor, dropout_seed, seed_int
 
 __all__ = [
@@ -203,23 +202,13 @@ def _visible_mask(nq: int, nk: int, left: int, right: int, key_padding_mask, dev
     return vis
 
 
-def _dropout_keep(seed: int, b0: int, hq: int, nq: int, nk: int, shape_bh, rows: torch.Tensor,
-                  cols: torch.Tensor, p: float) -> torch.Tensor:
-    """Philox keep-mask: element (b, h, i, j) is kept iff uniform(seed, ((b*Hq+h)*Nq+i)*Nk+j) >= p.
-
-    ``shape_bh`` = (nb, nh) counts batch rows from ``b0`` and all heads; ``rows``,
-    ``cols`` are the int64 query and key indices of the block.  Result
-    (nb, nh, len(rows), len(cols)) bool."""
-    return philox_uniform(seed, _dropout_offsets(b0, hq, nq, nk, shape_bh, rows, cols)) >= p
-
-
-def _dropout_offsets(b0: int, hq: int, nq: int, nk: int, shape_bh, rows: torch.Tensor,
-                     cols: torch.Tensor) -> torch.Tensor:
-    nb, nh = shape_bh
-    dev = rows.device
-    bh = (torch.arange(b0, b0 + nb, device=dev, dtype=torch.int64)[:, None] * hq
-          + torch.arange(nh, device=dev, dtype=torch.int64)[None, :])                # [nb, nh]
-    return (bh[:, :, None, None] * nq + rows[None, None, :, None]) * nk + cols[None, None, None, :]
+def _dropout_keep(seed: int, q: torch.Tensor, nk: int, i0: int, i1: int, lo: int, hi: int, p: float) -> torch.Tensor:
+    """Keep-mask (B, Hq, i1 - i0, hi - lo) of queries [i0, i1) and keys [lo, hi) for q (B, Hq, Nq, D), on
+    q's device: rows (b * Hq + h) * Nq + i of ``dropout_keep``'s matrix of Nk columns."""
+    b, hq, nq = q.shape[:3]
+    rows = (torch.arange(b * hq, dtype=torch.int64, device=q.device)[:, None] * nq
+            + torch.arange(i0, i1, device=q.device)[None, :])
+    return dropout_keep(seed, rows.view(b, hq, i1 - i0), nk, p, (lo, hi))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -250,10 +239,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     if dropout_p > 0:
         if seed is None:
             raise ValueError("attention_reference needs an explicit seed when dropout_p > 0")
-        dev = q.device
-        keep = _dropout_keep(int(seed), 0, hq, nq, nk, (b, hq), torch.arange(nq, device=dev),
-                             torch.arange(nk, device=dev), float(dropout_p))
-        p = p * keep / (1.0 - dropout_p)
+        keep = _dropout_keep(int(seed), q, nk, 0, nq, 0, nk, float(dropout_p))
+        p = p * keep * dropout_scale(dropout_p)
     o = p @ vv
     return (o, lse) if return_lse else o
 
@@ -719,15 +706,6 @@ def _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc):
     return s, qb, kb
 
 
-def _math_keep(seed, q, nk, i0, i1, lo, hi, p):
-    """The block's keep-mask (``_dropout_keep``'s, through the faster ``philox_keep``)."""
-    b, hq, nq, _ = q.shape
-    dev = q.device
-    offs = _dropout_offsets(0, hq, nq, nk, (b, hq), torch.arange(i0, i1, device=dev, dtype=torch.int64),
-                            torch.arange(lo, hi, device=dev, dtype=torch.int64))
-    return philox_keep(seed, offs, p)
-
-
 def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -746,8 +724,8 @@ def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
         lse_b = (m + torch.log(den)).squeeze(-1)                                          # -inf where den = 0
         prob = e / torch.where(den == 0, torch.ones((), dtype=acc), den)
         if p > 0:
-            keep = _math_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, i1 - i0, hi - lo)
-            prob = prob * keep * (1.0 / (1.0 - p))
+            keep = _dropout_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, i1 - i0, hi - lo)
+            prob = prob * keep * dropout_scale(p)
         vb = v[:, :, lo:hi].to(acc)[:, :, None]                                           # [B, Hkv, 1, keys, D]
         o[:, :, i0:i1] = (prob @ vb).reshape(b, hq, i1 - i0, d)
         lse[:, :, i0:i1] = lse_b.reshape(b, hq, i1 - i0)
@@ -774,9 +752,9 @@ def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
         vb = v[:, :, lo:hi].to(acc)[:, :, None]
         dprob = dob @ vb.transpose(-1, -2)                                                 # dL/d(dropped P)
         if p > 0:
-            keep = _math_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, rows, hi - lo)
-            pdrop = prob * keep * (1.0 / (1.0 - p))
-            dprob = dprob * keep * (1.0 / (1.0 - p))
+            keep = _dropout_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, rows, hi - lo)
+            pdrop = prob * keep * dropout_scale(p)
+            dprob = dprob * keep * dropout_scale(p)
         else:
             pdrop = prob
         # rowsum(P * dP) = rowsum(dO * O): O = P_dropped V (Dao, FlashAttention-2, sec. 3.1).
@@ -931,7 +909,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             inclusive, -1 = unbounded on that side.  With ``causal`` the right bound is 0.  See the
             module docstring for converters from FlexAttention / FlashAttention conventions.
         key_padding_mask: (B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention).
-        dropout_p: probability of dropping an attention probability, in [0, 1).
+        dropout_p: probability of dropping an attention probability, in [0, 1), applied in steps of
+            2**-16; kept ones are scaled by ``leedl_fast.random.dropout_scale(dropout_p)`` (see Dropout).
         scale: multiplies q k^T; default 1 / sqrt(D).
         seed: Philox seed for the dropout mask; None draws one from torch's default generator.
 

@@ -11,9 +11,10 @@ Activations: ``"relu"``, ``"gelu"`` (the erf form, ``F.gelu``'s default),
 
 Dropout
 -------
-Element ``i`` of x in its logical row-major order (``i = x_flat_index``, int64) is
-kept iff ``philox_uniform(seed, i) >= dropout_p``, and kept values are scaled by
-``1 / (1 - dropout_p)``.  The kernel draws the same numbers with ``tl.rand`` and
+x, seen as a (rows, C) matrix with its leading dims flattened, takes the mask
+``leedl_fast.random.dropout_mask(seed, x.shape, dropout_p)`` (eight 16-bit decisions per
+Philox call: the drop probability applied is dropout_p rounded to a multiple of 2**-16), and
+kept values are scaled by ``dropout_scale(dropout_p)``.  The kernel draws the same numbers and
 regenerates them in the backward pass: the mask is never stored.  ``seed=None``
 draws one from torch's default generator (``torch.manual_seed`` makes runs
 reproducible); both paths give the same mask for the same seed.
@@ -25,7 +26,7 @@ Autograd
 (dx, dbias)`` are torch custom ops with fake implementations, tied by
 ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one node each.
 The forward saves x (the pre-bias input, not y) and bias; the backward recomputes
-``z = x + bias`` and ``act'(z)``: ``dx = dy * keep / (1 - p) * act'(z)`` and
+``z = x + bias`` and ``act'(z)``: ``dx = dy * keep * scale * act'(z)`` and
 ``dbias = sum of dx over the leading dims`` (float32 partial sums per tile, reduced
 with one torch sum; deterministic).  When no bias is given the backward op's
 dbias is an empty (0,) tensor.  All outputs are contiguous.
@@ -42,25 +43,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..random import philox_keep, philox_uniform
+from ..random import dropout_mask, dropout_scale
 from ._common import as_rows, as_vector, check_dropout, check_tensor, dropout_seed, seed_int
 
 __all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
 
-# Elements per Philox call on the torch path: bounds the int64 temporaries of the generator.
 
 
 # ----------------------------------------------------------------------------- reference
-
-def _keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """Bool keep-mask of ``shape``: element i (row-major) kept iff philox_uniform(seed, i) >= p."""
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return philox_keep(seed, torch.arange(n, dtype=torch.int64, device=device), p).view(shape)
-
 
 def bias_act_dropout_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: str = "relu",
                                dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
@@ -83,8 +75,7 @@ def bias_act_dropout_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = N
     if dropout_p > 0:
         if seed is None:
             raise ValueError("bias_act_dropout_reference needs an explicit seed when dropout_p > 0")
-        keep = philox_uniform(int(seed), torch.arange(x.numel(), device=x.device).view(x.shape)) >= dropout_p
-        a = a * keep / (1.0 - dropout_p)
+        a = a * dropout_mask(int(seed), x.shape, float(dropout_p), x.device) * dropout_scale(dropout_p)
     return a
 
 
@@ -114,8 +105,8 @@ def _bias_act_dropout_torch(x: torch.Tensor, bias: Optional[torch.Tensor], activ
     z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     a = _act_torch(z, activation)
     if dropout_p > 0.0:
-        keep = _keep_mask(seed, x.shape, dropout_p, x.device)
-        a = torch.where(keep, a * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=x.device))
+        keep = dropout_mask(seed, x.shape, dropout_p, x.device)
+        a = torch.where(keep, a * dropout_scale(dropout_p), torch.zeros((), dtype=acc, device=x.device))
     y = a.to(x.dtype).contiguous()
     if y.data_ptr() == x.data_ptr() and x.numel() > 0:  # identity of a float32 input: never alias the input
         y = y.clone()
@@ -141,8 +132,8 @@ def _bias_act_dropout_backward_torch(dy: torch.Tensor, x: torch.Tensor, bias: Op
     z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     g = dy.to(acc)
     if dropout_p > 0.0:
-        keep = _keep_mask(seed, x.shape, dropout_p, x.device)
-        g = torch.where(keep, g * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=x.device))
+        keep = dropout_mask(seed, x.shape, dropout_p, x.device)
+        g = torch.where(keep, g * dropout_scale(dropout_p), torch.zeros((), dtype=acc, device=x.device))
     dz = _act_backward_torch(g, z, activation)
     dx = dz.to(x.dtype).contiguous()
     if dx.data_ptr() == dy.data_ptr() and dx.numel() > 0:
@@ -243,9 +234,8 @@ def bias_act_dropout(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *, ac
         x: (..., C), float16, bfloat16 or float32 (float64 on the torch path); any strides.
         bias: None or (C,), x's dtype and device, added to every row.
         activation: "relu", "gelu" (erf), "gelu_tanh", "silu" or "identity".
-        dropout_p: probability of zeroing an element, in [0, 1); kept elements are scaled by
-            1 / (1 - dropout_p).  Element i (x's row-major index) is kept iff
-            ``philox_uniform(seed, i) >= dropout_p``.
+        dropout_p: probability of zeroing an element, in [0, 1) (applied in steps of 2**-16); kept
+            elements are scaled by ``leedl_fast.random.dropout_scale(dropout_p)`` (see Dropout above).
         seed: Philox seed for the mask; None draws one from torch's default generator.
 
     Returns a contiguous tensor of x's shape and dtype, computed in float32.  Differentiable in x

@@ -13,9 +13,10 @@ dropout_add_layer_norm and Apex's fused layer norm rest on the same idea).
 
 Dropout
 -------
-Element ``i`` of x (its linear index in x's logical row-major layout, int64) is kept iff
-``philox_uniform(seed, i) >= dropout_p``; kept values are scaled by ``1 / (1 - dropout_p)``.
-The kernel draws the same numbers with ``tl.rand`` (``leedl_fast.random``), so both paths compute
+x, seen as a (rows, C) matrix with its leading dims flattened, takes the mask
+``leedl_fast.random.dropout_mask(seed, x.shape, dropout_p)`` (eight 16-bit decisions per Philox
+call: the drop probability applied is dropout_p rounded to a multiple of 2**-16); kept values are
+scaled by ``dropout_scale(dropout_p)``.  The kernel draws the same numbers, so both paths compute
 the same function for a seed.  ``seed=None`` draws one from torch's default generator
 (``torch.manual_seed`` makes runs reproducible).  The mask is never stored.
 
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..random import philox_keep
+from ..random import dropout_mask, dropout_scale
 from ._common import as_rows, as_vector, check_dropout, check_same, check_tensor, dropout_seed, seed_int
 
 __all__ = ["dropout_add_layer_norm", "dropout_add_layer_norm_reference"]
@@ -63,12 +64,6 @@ MAX_COLS = 8192
 
 
 # ----------------------------------------------------------------------------- reference
-
-def _keep_mask(seed: int, shape, device, p: float) -> torch.Tensor:
-    """Element i (row-major linear index) is kept iff philox_uniform(seed, i) >= p."""
-    n = math.prod(shape)
-    return philox_keep(seed, torch.arange(n, dtype=torch.int64, device=device), p).view(shape)
-
 
 def dropout_add_layer_norm_reference(x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                                      weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
@@ -80,8 +75,8 @@ def dropout_add_layer_norm_reference(x: torch.Tensor, residual: Optional[torch.T
     if dropout_p > 0:
         if seed is None:
             raise ValueError("dropout_add_layer_norm_reference needs an explicit seed when dropout_p > 0")
-        keep = _keep_mask(int(seed), x.shape, x.device, float(dropout_p))
-        x = x * keep / (1.0 - dropout_p)
+        keep = dropout_mask(int(seed), x.shape, float(dropout_p), x.device)
+        x = x * keep * dropout_scale(dropout_p)
     h = x if residual is None else residual + x
     mean = h.mean(dim=-1, keepdim=True)
     var = ((h - mean) ** 2).mean(dim=-1, keepdim=True)
@@ -100,14 +95,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _dropped(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """dropout(x) in the accumulation dtype: x * keep * (1 / (1 - p)), as the kernel computes it."""
+    """dropout(x) in the accumulation dtype: x * keep * dropout_scale(p), as the kernel computes it."""
     acc = _acc(x.dtype)
     xa = x.to(acc)
     if p <= 0.0:
         return xa
-    keep = _keep_mask(seed, x.shape, x.device, p)
+    keep = dropout_mask(seed, x.shape, p, x.device)
     # The kernel multiplies by a float32 scale; a Python float scalar is applied in the tensor's dtype.
-    return torch.where(keep, xa * (1.0 / (1.0 - p)), torch.zeros((), dtype=acc, device=x.device))
+    return torch.where(keep, xa * dropout_scale(p), torch.zeros((), dtype=acc, device=x.device))
 
 
 def _residual_sum(x, residual, seed, p) -> torch.Tensor:
@@ -160,8 +155,8 @@ def _bwd_torch(dy, dh_in, h, weight, mean, rstd, seed, p, has_residual, has_bias
         dh = dh + dh_in.to(acc)
     dres = dh.to(h.dtype).contiguous() if has_residual else h.new_empty(0)
     if p > 0.0:
-        keep = _keep_mask(seed, h.shape, h.device, p)
-        dh = torch.where(keep, dh * (1.0 / (1.0 - p)), torch.zeros((), dtype=acc, device=h.device))
+        keep = dropout_mask(seed, h.shape, p, h.device)
+        dh = torch.where(keep, dh * dropout_scale(p), torch.zeros((), dtype=acc, device=h.device))
     dx = dh.to(h.dtype).contiguous()
     dw = (dya * xhat).reshape(-1, c).sum(0).to(weight.dtype) if weight is not None else h.new_empty(0)
     db = dya.reshape(-1, c).sum(0).to(h.dtype) if has_bias else h.new_empty(0)
@@ -292,8 +287,8 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = N
         residual: None or x's shape, dtype and device.
         weight, bias: None or (C,), x's dtype and device (``nn.LayerNorm``'s parameters).
         eps: added to the biased variance, as ``F.layer_norm``.
-        dropout_p: probability of zeroing an element of x, in [0, 1); kept ones are scaled by
-            1 / (1 - dropout_p).  Pass 0 in eval mode.
+        dropout_p: probability of zeroing an element of x, in [0, 1) (applied in steps of 2**-16);
+            kept ones are scaled by ``leedl_fast.random.dropout_scale(dropout_p)``.  Pass 0 in eval mode.
         seed: Philox seed of the dropout mask; None draws one from torch's default generator.
         return_residual: also return h = residual + dropout(x) (the next residual of a pre-norm layer).
 

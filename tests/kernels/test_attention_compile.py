@@ -6,8 +6,7 @@ Ampere-class GPUs, sm_90 for Hopper).  Each entry is compiled for its target (te
 in a subprocess with the interpreter off) at the largest head dim it serves and in the
 variant with the most live state it serves: band on both sides, key padding and dropout, so
 the masked and the unmasked loop bodies and the Philox code are all in the binary (the dense
-variant is a subset of that code); an entry that a smaller dropout tile replaces for
-dropout_p > 0 is compiled without dropout, the replacement with it.  To keep CI time
+variant is a subset of that code).  To keep CI time
 reasonable each fp16/bf16 entry is compiled in one of the two 16-bit dtypes, alternating over
 head-dim groups and targets so that both dtypes are compiled for every kernel on every target.
 fp16/bf16 must show HMMA on sm_80 and HGMMA on sm_90; fp32 (TF32 products) HMMA on sm_80.
@@ -62,7 +61,8 @@ def _kernel_config(cfg: dict, dt: str, head_dim: int, variant: str) -> KernelCon
                 "qk_scale": "fp32"}
         if kernel != "_attention_fwd_kernel":
             tail["sm_scale"] = "fp32"
-        tail.update({"window_left": "i32", "window_right": "i32", "dropout_p": "fp32", "seed": "i64"})
+        tail.update({"window_left": "i32", "window_right": "i32", "dropout_threshold": "i32",
+                     "dropout_scale": "fp32", "seed": "i64"})
         if kernel == "_attention_fwd_kernel":
             sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "lse_ptr": "*fp32", "kpm_ptr": "*u8",
                    "count_ptr": _COUNT, **_strides("q", "k", "v", "o"), **tail}
@@ -90,9 +90,7 @@ def _configs(arch: str):
     from leedl_fast.kernels.attention import launch_configs
 
     def variant(cfg):
-        if cfg["kernel"] == "_attention_bwd_preprocess_kernel":
-            return "dense"
-        return "band" if cfg["dropout"] == "no" else "dropout"  # "no": an entry that never sees dropout
+        return "dense" if cfg["kernel"] == "_attention_bwd_preprocess_kernel" else "dropout"
 
     return [_kernel_config(cfg, _dtype_for(cfg), cfg["block_d"], variant(cfg))
             for cfg in launch_configs() if cfg["arch"] == arch]

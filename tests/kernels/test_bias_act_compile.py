@@ -22,7 +22,7 @@ _DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 def _fwd_signature(dt: str) -> dict:
     p = _DT[dt]
     return {"x_ptr": p, "b_ptr": p, "y_ptr": p, "stride_xm": "i32", "stride_ym": "i32",
-            "n_rows": "i32", "n_cols": "i32", "n_col_blocks": "i32", "seed": "i64", "p": "fp32", "keep_scale": "fp32",
+            "n_rows": "i32", "n_cols": "i32", "n_col_blocks": "i32", "seed": "i64", "threshold": "i32", "keep_scale": "fp32",
             "ACT": "constexpr", "HAS_BIAS": "constexpr", "HAS_DROPOUT": "constexpr",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
 
@@ -31,7 +31,7 @@ def _bwd_signature(dt: str) -> dict:
     p = _DT[dt]
     return {"dy_ptr": p, "x_ptr": p, "b_ptr": p, "dx_ptr": p, "dbias_partial_ptr": "*fp32",
             "stride_dym": "i32", "stride_xm": "i32", "stride_dxm": "i32",
-            "n_rows": "i32", "n_cols": "i32", "n_col_blocks": "i32", "seed": "i64", "p": "fp32", "keep_scale": "fp32",
+            "n_rows": "i32", "n_cols": "i32", "n_col_blocks": "i32", "seed": "i64", "threshold": "i32", "keep_scale": "fp32",
             "ACT": "constexpr", "HAS_BIAS": "constexpr", "HAS_DROPOUT": "constexpr",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
 

@@ -2,7 +2,7 @@
 
 The configurations with every option on (residual, weight, bias, dropout, stored h / incoming h
 gradient) carry the most live registers; the all-off ones are the smallest.  Row widths from one
-small block to the 8192-wide forward and the looped backward, both Philox offset widths, fp16,
+small block to the 8192-wide forward and the looped backward, fp16,
 bf16 and fp32.  Each is compiled as Triton specialises a launch on rows whose width is a multiple of
 16 (every pointer and stride 16-aligned), some also with unaligned strides (other widths); the last
 test checks with Triton's own binder that the op's launches specialise as one of these.
@@ -18,50 +18,49 @@ _MOD = "leedl_fast.kernels.layer_norm"
 _WIDTHS = (80, 1024, 4096, 8192)
 
 
-def _fwd(n_cols, dt, on, offs_64):
+def _fwd(n_cols, dt, on):
     from leedl_fast.kernels.layer_norm import launch_config
 
     cfg = launch_config(n_cols)
     sig = {k: _DT[dt] for k in ("x_ptr", "res_ptr", "w_ptr", "b_ptr", "y_ptr", "h_ptr")}
     sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", stride_xm="i32", stride_rm="i32", stride_ym="i32",
-               stride_hm="i32", n_cols="i32", eps="fp32", dropout_p="fp32", dropout_scale="fp32", seed="i64")
+               stride_hm="i32", n_cols="i32", eps="fp32", dropout_threshold="i32", dropout_scale="fp32", seed="i64")
     ce = {"BLOCK_C": cfg["BLOCK_C"], "HAS_RESIDUAL": on, "HAS_WEIGHT": on, "HAS_BIAS": on, "HAS_DROPOUT": on,
-          "STORE_H": on, "OFFS_64": offs_64}
+          "STORE_H": on}
     sig.update({k: "constexpr" for k in ce})
-    return KernelConfig(_MOD, "_dropout_add_layer_norm_fwd_kernel", sig, ce, num_warps=cfg["num_warps"],
-                        label=f"fwd C={n_cols} {dt} options={'on' if on else 'off'} offs64={offs_64}")
+    return KernelConfig(_MOD, "_dropout_add_layer_norm_fwd_kernel", sig, ce, num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
+                        label=f"fwd C={n_cols} {dt} options={'on' if on else 'off'}")
 
 
-def _bwd(n_cols, dt, on, offs_64):
+def _bwd(n_cols, dt, on):
     from leedl_fast.kernels.layer_norm import launch_config
 
     cfg = launch_config(n_cols, backward=True)
     sig = {k: _DT[dt] for k in ("dy_ptr", "dhin_ptr", "h_ptr", "w_ptr", "dx_ptr", "dres_ptr")}
     sig.update(mean_ptr="*fp32", rstd_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", stride_dym="i32",
                stride_dhm="i32", stride_hm="i32", stride_dxm="i32", stride_drm="i32", n_rows="i32", n_cols="i32",
-               rows_per_program="i32", dropout_p="fp32", dropout_scale="fp32", seed="i64")
+               rows_per_program="i32", dropout_threshold="i32", dropout_scale="fp32", seed="i64")
     ce = {"BLOCK_C": cfg["BLOCK_C"], "LOOPED": cfg["LOOPED"], "HAS_DH_IN": on, "HAS_RESIDUAL": on,
-          "HAS_WEIGHT": on, "HAS_BIAS": on, "HAS_DROPOUT": on, "OFFS_64": offs_64}
+          "HAS_WEIGHT": on, "HAS_BIAS": on, "HAS_DROPOUT": on}
     sig.update({k: "constexpr" for k in ce})
-    return KernelConfig(_MOD, "_dropout_add_layer_norm_bwd_kernel", sig, ce, num_warps=cfg["num_warps"],
-                        label=f"bwd C={n_cols} {dt} options={'on' if on else 'off'} offs64={offs_64}")
+    return KernelConfig(_MOD, "_dropout_add_layer_norm_bwd_kernel", sig, ce, num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
+                        label=f"bwd C={n_cols} {dt} options={'on' if on else 'off'}")
 
 
 def _configs():
     # fp16 has bf16's register profile; it is compiled at two widths to keep this test short.
-    specs = []  # (n_cols, dtype, every option on, int64 offsets)
+    specs = []  # (n_cols, dtype, every option on)
     for n_cols in _WIDTHS:
         for dt in ("fp32", "bf16") + (("fp16",) if n_cols in (1024, 8192) else ()):
-            specs.append((n_cols, dt, True, False))
-    specs += [(80, "bf16", False, False), (8192, "bf16", False, False)]  # every option off: the smallest variants
-    specs.append((8192, "bf16", True, True))  # int64 Philox offsets
+            specs.append((n_cols, dt, True))
+    specs += [(80, "bf16", False), (8192, "bf16", False)]  # every option off: the smallest variants
     out = []
-    for n_cols, dt, on, offs_64 in specs:
+    for n_cols, dt, on in specs:
         # Rows whose width is not a multiple of 16 have unaligned strides: compiled at the widest rows,
         # every option on (the most live registers).
-        odd = on and not offs_64 and n_cols == 8192 and dt != "fp16"
-        out += variants(_fwd(n_cols, dt, on, offs_64), unaligned=odd)
-        out += variants(_bwd(n_cols, dt, on, offs_64), unaligned=odd)
+        odd = on and n_cols == 8192 and dt != "fp16"
+        out += variants(_fwd(n_cols, dt, on), unaligned=odd)
+        out += variants(_bwd(n_cols, dt, on), unaligned=odd)
     return out
 
 

@@ -151,7 +151,7 @@ def test_dropout_seed_semantics(torch_path):
     b = attention(q, k, v, dropout_p=0.5)
     torch.manual_seed(3)
     assert torch.equal(b, attention(q, k, v, dropout_p=0.5))
-    # About half the probabilities are dropped: with v = identity, o holds P * keep / (1 - p).
+    # About half the probabilities are dropped: with v = identity, o holds P * keep * scale.
     eye = torch.eye(16).expand(1, 2, 16, 16)
     p = attention(q, k[:, :, :16], eye, dropout_p=0.5, seed=11)
     frac = (p == 0).float().mean().item()

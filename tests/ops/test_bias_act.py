@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from leedl_fast.ops.bias_act import ACTIVATIONS, bias_act_dropout, bias_act_dropout_reference
-from leedl_fast.random import philox_uniform
+from leedl_fast.random import dropout_mask, dropout_scale
 from tests.harness import assert_close
 
 SHAPES = [(1, 5), (7, 80), (3, 5, 257)]
@@ -60,7 +60,7 @@ def _forward_backward(device, shape, with_bias, p, activation, dtype):
     got = _run(bias_act_dropout, x, b, dy, device, activation, p)
     _check(got, ref, dtype, x.numel() // shape[-1])
     if p > 0:  # the same Philox mask: exactly zero wherever it drops
-        dropped = philox_uniform(SEED, torch.arange(x.numel()).view(shape)) < p
+        dropped = ~dropout_mask(SEED, shape, p)
         y = got[0].cpu()
         assert dropped.any() and torch.equal(y[dropped], torch.zeros_like(y[dropped]))
 
@@ -134,7 +134,7 @@ def test_dropout_rate_and_scale(any_path):
     # 63000 Bernoulli(p) draws: standard deviation 0.0018.
     assert abs(dropped - p) < 0.01
     kept = y[y != 0]
-    assert torch.equal(kept, torch.full_like(kept, 1 / (1 - p)))
+    assert torch.equal(kept, torch.full_like(kept, dropout_scale(p)))
 
 
 def test_determinism_and_seeds(any_path):

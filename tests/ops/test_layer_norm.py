@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from leedl_fast.ops import layer_norm as ln_mod
 from leedl_fast.ops.layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
-from leedl_fast.random import philox_uniform
+from leedl_fast.random import dropout_mask, dropout_scale
 from tests.harness import assert_close
 
 SEED = 1234567
@@ -93,15 +93,6 @@ def test_looped_backward(triton_path, monkeypatch, dtype):
     _case(triton_path, (4, 77), dtype, residual=False, bias=False, p=0.0)
 
 
-def test_int64_philox_offsets(triton_path, monkeypatch):
-    """The int64-offset variant (tensors of more than 2**31 elements) draws the same numbers."""
-    from leedl_fast.kernels import layer_norm as kern
-
-    monkeypatch.setattr(kern, "OFFS_32_LIMIT", 10)
-    assert kern.offsets_64(5, 48)
-    _case(triton_path, (5, 48), torch.float32, p=0.4, return_residual=True)
-
-
 def test_noncontiguous_inputs(any_path):
     _case(any_path, (6, 40), torch.float32, p=0.2, return_residual=True, noncontig=True)
     x = torch.randn(40, 6, dtype=torch.float64)[::2].t()  # (6, 20), strided both ways
@@ -128,12 +119,12 @@ def test_p0_is_layer_norm_of_sum(torch_path):
 
 
 def test_dropout_mask_is_philox_and_regenerated(any_path):
-    """Dropped elements are where philox_uniform(seed, linear index) < p; there the input gradient is 0."""
+    """Dropped elements are where dropout_mask(seed, shape, p) is False; there the input gradient is 0."""
     p, seed = 0.3, 987
     x = torch.randn(3, 2, 150, device=any_path, requires_grad=True)
     y, h = dropout_add_layer_norm(x, dropout_p=p, seed=seed, return_residual=True)
-    keep = philox_uniform(seed, torch.arange(x.numel()).view(x.shape)) >= p
-    assert_close(h, torch.where(keep, x.detach().double().cpu() / (1 - p), 0.0), dtype=torch.float32, name="h")
+    keep = dropout_mask(seed, x.shape, p)
+    assert_close(h, torch.where(keep, x.detach().double().cpu() * dropout_scale(p), 0.0), dtype=torch.float32, name="h")
     y.backward(torch.randn_like(y))
     g = x.grad.cpu()
     assert torch.all(g[~keep] == 0) and torch.all(g[keep] != 0)
@@ -174,9 +165,9 @@ def test_only_h_used(any_path):
     _, h = dropout_add_layer_norm(x, r, torch.ones(24, device=any_path), dropout_p=0.2, seed=4,
                                   return_residual=True)
     h.sum().backward()
-    keep = philox_uniform(4, torch.arange(x.numel()).view(x.shape)) >= 0.2
+    keep = dropout_mask(4, x.shape, 0.2)
     assert_close(r.grad, torch.ones(5, 24, dtype=torch.float64), dtype=torch.float32, name="dresidual")
-    assert_close(x.grad, keep.double() / 0.8, dtype=torch.float32, name="dx")
+    assert_close(x.grad, keep.double() * dropout_scale(0.2), dtype=torch.float32, name="dx")
 
 
 def test_no_grad_skips_h(triton_path):

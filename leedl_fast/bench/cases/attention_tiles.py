@@ -48,7 +48,7 @@ def _name(meta: dict) -> str:
 
 
 def _shipped(kernel: str, q: torch.Tensor) -> dict:
-    meta = A._config(kernel, q, A.block_d_for(q.shape[-1]), None, False)
+    meta = A._config(kernel, q, A.block_d_for(q.shape[-1]), None)
     return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in meta}
 
 
