@@ -2,10 +2,10 @@
 
 One elementwise kernel, ``_noising_kernel``, with the variant chosen by constexpr
 flags.  Every variant walks the same index space: ``B`` samples of ``per_sample``
-contiguous elements; element ``i`` (the flat, contiguous index, int64) draws its
-noise as ``tl.randn(seed, i)`` (Philox keyed by (seed, element index), the same
-numbers ``leedl_fast.random.philox_normal`` gives on the torch path), so the noise
-is made in registers and, in the loss, regenerated rather than stored.
+contiguous elements; element ``j`` of sample ``b`` draws its noise from Philox
+(``_normals``: four normals per call, the numbers ``leedl_fast.random.normal_rows`` gives
+on the torch path), so the noise is made in registers and, in the loss, regenerated
+rather than stored.
 
 MODE_Q_SAMPLE   (Ho et al. 2020, eq. 4)   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  writes x_t (and eps if drawn)
 MODE_LOSS_FWD   partial sums of (pred - target)^2 per program, target = cx x0 + ce eps:
@@ -33,16 +33,50 @@ MODE_STEP = 3
 
 NOISE_NONE = 0  # the variant uses no noise
 NOISE_LOAD = 1  # noise read from noise_ptr
-NOISE_DRAW = 2  # noise drawn in registers: tl.randn(seed, flat index)
+NOISE_DRAW = 2  # noise drawn in registers: _normals
 
 TARGETS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 
 BLOCK = 1024
 NUM_WARPS = 4  # 8 elements per thread: two 16-byte fp32 vectors
+# The register cap passed to ptxas.  Left to itself (no .maxnreg) it kept the bf16 q_sample on samples
+# whose size is not a multiple of 16 at 32 registers and spilled (sm_80); with the cap stated it takes 40.
+MAXNREG = 255
 # Ints that Triton's launcher must not specialise: they only bound loops and index the schedule, or
 # key Philox (the seed is always i64).  per_sample stays specialised: divisible by 16 it makes every
 # sample's start aligned and the loads 16-byte vectors; tests/kernels compile-checks both variants.
 RUNTIME_INTS = ["n_chunks", "n_timesteps", "seed"]
+
+
+@triton.jit
+def _uniform(w):
+    """tl.rand's map of a 32-bit Philox word to [0, 1) (read as int32, folded, scaled)."""
+    x = w.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    """Two standard normals from two Philox words: tl.randn's cosine branch and its sine partner."""
+    u1 = tl.maximum(1.0e-7, _uniform(wa))
+    th = 6.283185307179586 * _uniform(wb)
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def _normals(seed, row_counter, start, BLOCK: tl.constexpr):
+    """Standard normals [BLOCK] of columns ``start + arange(BLOCK)`` (start % 4 == 0) of the row whose
+    first counter is ``row_counter`` (r * ceil(n_cols / 4)): column j is normal j % 4 of the Philox call
+    at counter row_counter + j // 4, whose words (w0, w1) and (w2, w3) make two Box-Muller pairs
+    (cos, sin).  One call per four normals: a call per element (tl.randn) costs about sixty integer
+    instructions per element, more than these kernels' memory traffic at H100/H200 bandwidth."""
+    w0, w1, w2, w3 = tl.randint4x(seed, row_counter + start // 4 + tl.arange(0, BLOCK // 4))  # [BLOCK / 4] each
+    n0, n1 = _box_muller(w0, w1)
+    n2, n3 = _box_muller(w2, w3)
+    n = tl.join(tl.join(n0, n2), tl.join(n1, n3))                                    # [BLOCK / 4, 2, 2]: 2a + b
+    return tl.reshape(n, [BLOCK])                                                    # [BLOCK]
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
@@ -61,10 +95,10 @@ def _noising_kernel(
     pid_c = pid % n_chunks                         # chunk within the sample
     offs_in = pid_c * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] index within the sample (per_sample < 2**31)
     mask = offs_in < per_sample
-    offs = pid_b.to(tl.int64) * per_sample + offs_in  # [BLOCK] int64 flat index: the Philox counter too
+    offs = pid_b.to(tl.int64) * per_sample + offs_in  # [BLOCK] int64 flat index
 
     if NOISE == 2:
-        eps = tl.randn(seed, offs)                 # [BLOCK] fp32
+        eps = _normals(seed, pid_b.to(tl.int64) * ((per_sample + 3) // 4), pid_c * BLOCK, BLOCK)  # [BLOCK] fp32
     elif NOISE == 1:
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -142,7 +176,7 @@ def q_sample_fwd(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
         t, alphas_cumprod, alphas_cumprod, alphas_cumprod,
         per_sample, n_chunks, alphas_cumprod.shape[0], seed, 0.0, 0.0,
         MODE=MODE_Q_SAMPLE, NOISE=NOISE_DRAW if draw else NOISE_LOAD, TARGET=0, CLIP=False,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
 
 
@@ -165,7 +199,7 @@ def loss_fwd(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumpr
         t, alphas_cumprod, alphas_cumprod, alphas_cumprod,
         per_sample, n_chunks, alphas_cumprod.shape[0], seed, 0.0, 0.0,
         MODE=MODE_LOSS_FWD, NOISE=_loss_noise(target, noise), TARGET=TARGETS[target], CLIP=False,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return partial.sum()
 
@@ -183,7 +217,7 @@ def loss_bwd(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, t: torch.
         t, alphas_cumprod, alphas_cumprod, grad,
         per_sample, n_chunks, alphas_cumprod.shape[0], seed, 0.0, scale,
         MODE=MODE_LOSS_BWD, NOISE=_loss_noise(target, noise), TARGET=TARGETS[target], CLIP=False,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
 
 
@@ -203,5 +237,5 @@ def step_fwd(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, 
         coef, coef, coef, coef,
         per_sample, n_chunks, 0, seed, 0.0 if clip_range is None else float(clip_range), 0.0,
         MODE=MODE_STEP, NOISE=mode_noise, TARGET=0, CLIP=clip_range is not None,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

@@ -23,14 +23,14 @@ device torch supports and never relies on signed-overflow behaviour.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
 import torch
 
 __all__ = ["philox_uniform", "philox_normal", "philox_randint4x", "dropout_keep", "dropout_mask", "dropout_threshold",
-           "dropout_scale",
-           "MAX_SEED"]
+           "dropout_scale", "normal_rows", "normal_noise", "MAX_SEED"]
 
 MAX_SEED = 2**63 - 1
 
@@ -212,3 +212,46 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     for s in shape[:-1]:
         n_rows *= s
     return dropout_keep(seed, torch.arange(n_rows, dtype=torch.int64, device=device), n_cols, p).reshape(shape)
+
+
+def _box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tl.randn's Box-Muller on two words, both branches: (r cos th, r sin th), float32.  On the CPU
+    (outside torch.compile) log, sqrt, cos and sin are numpy's float32 functions, the ones Triton's
+    interpreter evaluates, so the result equals an interpreted kernel's bit for bit."""
+    u1 = torch.clamp_min(_uint_to_uniform(wa), 1.0e-7)
+    th = _uint_to_uniform(wb) * torch.tensor(_TWO_PI, dtype=torch.float32, device=wb.device)
+    if u1.device.type == "cpu" and not torch.compiler.is_compiling():
+        r = np.sqrt(np.float32(-2.0) * np.log(u1.numpy()))
+        thn = th.numpy()
+        return torch.from_numpy(r * np.cos(thn)), torch.from_numpy(r * np.sin(thn))
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def normal_rows(seed: int, rows: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The diffusion kernels' noise: standard normals, float32 ``(*rows.shape, n_cols)``, bit for bit
+    the kernel's under Triton's interpreter (within 1e-6 of a compiled GPU kernel, whose libdevice
+    rounds the last bit its own way).
+
+    Element (r, j) of a matrix with ``n_cols`` columns is normal ``j % 4`` of the Philox call at counter
+    ``r * ceil(n_cols / 4) + j // 4``: words (w0, w1) and (w2, w3) each make a Box-Muller pair, cosine
+    branch first (the cosine of (w0, w1) is ``tl.randn``'s number for that counter)."""
+    seed = _check_seed(seed)
+    rows = _check_offsets(rows)
+    n_groups = -(-n_cols // 4)
+    ctr = (rows.reshape(-1, 1) * n_groups + torch.arange(n_groups, device=rows.device)).reshape(-1)
+    c0, c1, c2, c3 = _philox_words_fast(seed & _MASK32, (seed >> 32) & _MASK32, ctr)
+    n0, n1 = _box_muller(c0, c1)
+    n2, n3 = _box_muller(c2, c3)
+    out = torch.stack([n0, n1, n2, n3], -1).view(*rows.shape, 4 * n_groups)
+    return out[..., :n_cols]
+
+
+def normal_noise(seed: int, shape, device=None) -> torch.Tensor:
+    """``normal_rows`` for a tensor of ``shape`` (B, ...): one row per sample (the leading dim), its
+    elements in row-major order; a 0-d shape is one sample of one element.  Contiguous float32."""
+    shape = tuple(int(s) for s in shape)
+    batch = shape[0] if shape else 1
+    per_sample = math.prod(shape) // batch if batch else 0
+    rows = torch.arange(batch, dtype=torch.int64, device=device)
+    return normal_rows(seed, rows, per_sample).reshape(shape).contiguous()

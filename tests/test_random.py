@@ -161,3 +161,46 @@ def test_kernel_keep_tiles_match(n_cols, start, triton_path):
     assert torch.equal(out[:R * C].view(R, C)[:, :stop - start], ref)
     assert torch.equal(out_t.T[:, :stop - start], ref)
     assert torch.equal(out[R * C:][:stop - start], ref[0])
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 12345])
+def test_normal_rows_matches_its_definition(seed):
+    """``normal_rows`` (the diffusion noise) equals its definition, element by element in numpy float32:
+    element j of row r is Box-Muller pair (j % 4) // 2 of the Philox call at counter r * ceil(C / 4) + j // 4,
+    cosine for even j, sine for odd; the first element of a group is tl.randn's number for its counter."""
+    import numpy as np
+
+    from leedl_fast.random import _uint_to_uniform, normal_noise, normal_rows
+
+    rows = torch.tensor([0, 1, 2, 7, 2**28 + 5, 2**33 // 3], dtype=torch.int64)
+    for n_cols in (1, 3, 4, 9, 130):
+        got = normal_rows(seed, rows, n_cols)
+        assert got.shape == (rows.numel(), n_cols) and got.dtype == torch.float32
+        j = torch.arange(n_cols)
+        ctr = rows[:, None] * ((n_cols + 3) // 4) + j[None, :] // 4
+        words = torch.stack(philox_randint4x(seed, ctr), -1)
+        a = ((j % 4) // 2).expand_as(ctr)[..., None]
+        u1 = np.maximum(np.float32(1e-7), _uint_to_uniform(words.gather(-1, 2 * a)[..., 0]).numpy())
+        th = np.float32(6.283185307179586) * _uint_to_uniform(words.gather(-1, 2 * a + 1)[..., 0]).numpy()
+        r = np.sqrt(np.float32(-2.0) * np.log(u1))
+        expect = np.where((j % 2 == 0).numpy(), r * np.cos(th), r * np.sin(th)).astype(np.float32)
+        assert np.array_equal(got.numpy(), expect), n_cols
+        assert torch.equal(got[:, ::4], philox_normal(seed, ctr[:, ::4]))
+    assert torch.equal(normal_noise(seed, (3, 2, 5)), normal_rows(seed, torch.arange(3), 10).view(3, 2, 5))
+
+
+def test_normal_rows_statistics():
+    """Mean, variance, no skew, and no correlation between the four normals of one Philox call
+    (the cosine and sine of one Box-Muller pair are independent standard normals)."""
+    from leedl_fast.random import normal_rows
+
+    n = normal_rows(3, torch.arange(500), 1000).double()              # 500k normals
+    tol = 5 / n.numel() ** 0.5
+    assert abs(n.mean().item()) < tol and abs(n.std().item() - 1.0) < 2 * tol
+    assert abs((n ** 3).mean().item()) < 5 * 15 ** 0.5 / n.numel() ** 0.5
+    slots = n.view(500, 250, 4).reshape(-1, 4).T                        # [4, 125k]: slot s of every call
+    corr = torch.corrcoef(slots)
+    assert (corr - torch.eye(4, dtype=corr.dtype)).abs().max().item() < 5 / slots.shape[1] ** 0.5
+    # the radius pairs: |n0|^2 + |n1|^2 is exponential with mean 2 (chi-square, 2 dof)
+    r2 = slots[0] ** 2 + slots[1] ** 2
+    assert abs(r2.mean().item() - 2.0) < 5 * 2 / slots.shape[1] ** 0.5

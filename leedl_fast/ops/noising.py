@@ -6,9 +6,9 @@
     DDPM step: x_{t'} = mu(x0_hat, x_t) + sigma z                               (Ho et al. 2020, eqs. 7, 15)
     DDIM step: x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - s^2) eps_hat + s z   (Song et al. 2021, eq. 12)
 
-The noise of element ``i`` (flat index of the contiguous tensor) for a seed ``s``
-is ``philox_normal(s, i)`` on the torch path and ``tl.randn(s, i)`` in the kernel,
-the same numbers (see ``leedl_fast.random``).  ``q_sample(x0, ..., seed=s)`` and
+The noise of a tensor of shape (B, ...) for a seed ``s`` is ``leedl_fast.random.normal_noise(s, shape)``
+on the torch path and the same numbers in the kernel: one row of the Philox stream per sample,
+four normals per Philox call (two Box-Muller pairs).  ``q_sample(x0, ..., seed=s)`` and
 ``noise_prediction_loss(pred, x0, ..., seed=s)`` read the same stream, so the loss
 regenerates the noise instead of storing it.  ``seed=None`` draws a seed from
 torch's default generator.
@@ -31,7 +31,7 @@ import math
 import torch
 
 from .. import backend
-from ..random import MAX_SEED, philox_normal
+from ..random import MAX_SEED, normal_noise
 from ._common import as_dense, check_tensor
 
 __all__ = [
@@ -54,9 +54,8 @@ def draw_seed() -> int:
 
 
 def _noise_torch(seed: int, shape, device) -> torch.Tensor:
-    """The kernel's noise for a contiguous tensor of ``shape``: philox_normal(seed, flat index), float32."""
-    n = math.prod(shape)
-    return philox_normal(seed, torch.arange(n, device=device, dtype=torch.int64)).view(shape)
+    """The kernel's noise for a contiguous tensor of ``shape`` (B, ...), float32: ``normal_noise``."""
+    return normal_noise(seed, shape, device)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -238,8 +237,8 @@ def q_sample(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Ten
     ``t``: (B,) integer tensor (one timestep per sample) or an int for all;
     ``alphas_cumprod``: (T,) float tensor (e.g. ``NoiseSchedule.alphas_cumprod``),
     on x0's device.  With ``noise`` given (x0's shape and dtype) it is used and
-    returned; otherwise eps is drawn from the Philox stream keyed by ``(seed,
-    flat element index)`` (in registers on the Triton path) and returned in x0's
+    returned; otherwise eps is ``leedl_fast.random.normal_noise(seed, x0.shape)`` (drawn
+    in registers on the Triton path) and returned in x0's
     dtype; x_t is computed from the float32 draw.  Equal to diffusers'
     ``DDPMScheduler.add_noise`` given the same noise.  Differentiable in x0 and
     ``noise``.
@@ -370,7 +369,7 @@ def noise_prediction_loss(pred: torch.Tensor, x0: torch.Tensor, t, alphas_cumpro
 
     ``target``: "epsilon" (the noise), "v_prediction" (v = sqrt(abar) eps -
     sqrt(1 - abar) x0) or "sample" (x0).  The noise is regenerated from the same
-    Philox ``(seed, element index)`` stream ``q_sample`` drew it from, inside the
+    Philox stream ``q_sample`` drew it from (``normal_noise(seed, x0.shape)``), inside the
     kernel, so it is never stored; or pass the ``noise`` tensor instead of a
     seed.  ``pred`` and ``x0``: same shape (B, ...), float dtypes (may differ);
     math in float32.  Returns a 0-d float32 tensor (float64 if an input is

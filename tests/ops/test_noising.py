@@ -8,7 +8,7 @@ from leedl_fast.ops import noising as N
 from leedl_fast.ops.noising import (ddim_step, ddim_step_reference, ddpm_step, ddpm_step_reference,
                                     noise_prediction_loss, noise_prediction_loss_reference, q_sample,
                                     q_sample_reference)
-from leedl_fast.random import MAX_SEED, _uint_to_uniform, philox_randint4x, philox_uniform
+from leedl_fast.random import MAX_SEED, _uint_to_uniform, philox_normal, philox_randint4x
 from tests.harness import assert_close
 
 # (B, ...) shapes: a single element, odd sizes, a sample spanning two kernel blocks (1024).
@@ -115,15 +115,21 @@ def test_noise_same_on_torch_path_and_kernel(seed, triton_path, monkeypatch):
     eps_kernel = eps_kernel.cpu()
     if triton_path == "cpu":
         assert torch.equal(eps_kernel, eps_torch)
-        # and both are Box-Muller on the port's bit-identical uniforms, written out in numpy float32
-        offs = torch.arange(eps_torch.numel())
-        u1 = philox_uniform(seed, offs).numpy()
-        c0, c1, _, _ = philox_randint4x(seed, offs)
-        u2 = _uint_to_uniform(c1).numpy()
-        u1 = np.maximum(np.float32(1e-7), u1)
+        # and both are the stream's definition, element by element in numpy float32: sample b, element j
+        # takes Box-Muller pair (j % 4) // 2 of the Philox call at counter b * ceil(C / 4) + j // 4,
+        # cosine for even j, sine for odd; the cosine of the first pair is tl.randn's number
+        per = eps_torch[0].numel()
+        j = torch.arange(per)
+        ctr = torch.arange(3)[:, None] * ((per + 3) // 4) + j[None, :] // 4
+        words = torch.stack(philox_randint4x(seed, ctr), -1)                       # [3, per, 4]
+        a = ((j % 4) // 2).expand_as(ctr)[..., None]
+        wa, wb = words.gather(-1, 2 * a)[..., 0], words.gather(-1, 2 * a + 1)[..., 0]
+        u1 = np.maximum(np.float32(1e-7), _uint_to_uniform(wa).numpy())
+        th = np.float32(6.283185307179586) * _uint_to_uniform(wb).numpy()
         r = np.sqrt(np.float32(-2.0) * np.log(u1))
-        expect = r * np.cos(np.float32(6.283185307179586) * u2)
-        assert np.array_equal(eps_kernel.flatten().numpy(), expect.astype(np.float32))
+        expect = np.where((j % 2 == 0).numpy(), r * np.cos(th), r * np.sin(th)).astype(np.float32)
+        assert np.array_equal(eps_kernel.reshape(3, -1).numpy(), expect)
+        assert torch.equal(eps_torch.reshape(3, -1)[:, 0], philox_normal(seed, torch.arange(3) * ((per + 3) // 4)))
     else:
         assert (eps_kernel - eps_torch).abs().max().item() <= 1e-6
 
