@@ -12,6 +12,9 @@ GPU (``bench/gpu_suite.py``), bf16:
   equivalent sliding-window block mask), ``sdpa_dense`` (dense SDPA, causal where the
   window is causal) and ``flash_attn`` with ``window_size`` when it imports.  FLOPs
   counted over the band only: 4*B*H*D per visible (query, key) pair.
+* attention_dropout: dropout 0.1, N = 4k, B*N = 16k, H*D = 2048, D in {64, 128}, forward and
+  forward+backward; peers ``sdpa``, ``sdpa_flash`` and ``flash_attn`` with the same dropout (their
+  own RNG: FlashAttention-2 makes sixteen 8-bit decisions per Philox call, ours eight 16-bit ones).
 
 The runner records each callable's CUDA peak memory (``ours_peak_mb`` /
 ``peer_peak_mb``); ``extra`` adds the visible pairs and the bytes an N x N boolean
@@ -42,7 +45,7 @@ from leedl_fast.bench.common import Case, CheckResult
 from leedl_fast.ops import attention, attention_reference
 from leedl_fast.ops.attention import _visible_mask
 
-OPS = ("attention", "banded")
+OPS = ("attention", "attention_dropout", "banded")
 
 _DENSE_N = [1024, 2048, 4096, 8192, 16384]
 _BAND_N = [4096, 16384, 65536]
@@ -88,11 +91,11 @@ def _flash_attn():
         return None
 
 
-def _sdpa_flash(q, k, v, causal):
+def _sdpa_flash(q, k, v, causal, dropout_p=0.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
 _FLEX_COMPILED = None
@@ -167,6 +170,28 @@ def _gpu_cases(device: str, quick: bool):
                 yield Case("banded", "fwd+bwd", dtype, shape, _fwd_bwd(ours, q, k, v, do),
                            {p: _fwd_bwd(f, q, k, v, do) for p, f in peers.items()}, flops=3.5 * flops, causal=causal,
                            window=window, extra=extra)
+
+    # Dropout 0.1 inside the kernel (eight 16-bit decisions per Philox call, kernels/dropout.py) against
+    # SDPA and flash_attn with their own dropout (FlashAttention-2: sixteen 8-bit ones).  Last, so that a
+    # spent time budget skips these rather than the cases of the issues' targets.
+    for d in (64, 128):
+        h, n = 2048 // d, 4096
+        b = 16384 // n
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        flops = 4 * b * h * n * n * d
+        ours = lambda q, k, v: attention(q, k, v, dropout_p=0.1, seed=1)  # noqa: E731
+        peers = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1),
+                 "sdpa_flash": lambda q, k, v: _sdpa_flash(q, k, v, False, dropout_p=0.1)}
+        if fa is not None:
+            peers["flash_attn"] = lambda q, k, v: fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     dropout_p=0.1).transpose(1, 2)
+        shape = {"B": b, "H": h, "N": n, "D": d}
+        yield Case("attention_dropout", "fwd", dtype, shape, _fwd(ours, q, k, v),
+                   {p: _fwd(f, q, k, v) for p, f in peers.items()}, flops=flops, extra={"dropout_p": 0.1})
+        yield Case("attention_dropout", "fwd+bwd", dtype, shape, _fwd_bwd(ours, q, k, v, do),
+                   {p: _fwd_bwd(f, q, k, v, do) for p, f in peers.items()}, flops=3.5 * flops,
+                   extra={"dropout_p": 0.1})
 
 
 def _cpu_cases(quick: bool):
