@@ -57,6 +57,7 @@ def keep_tile(seed, row_counter, start_col, threshold, BLOCK_R: tl.constexpr, BL
     BLOCK_C % 8 == 0) for rows whose first counter is ``row_counter`` [BLOCK_R] (int64:
     r * ceil(n_cols / 8)); with TRANSPOSED its transpose [BLOCK_C, BLOCK_R].  Columns past
     n_cols get numbers too; callers mask them."""
+    tl.static_assert(BLOCK_C % 8 == 0, "keep_tile covers whole groups of 8 columns")
     g = start_col // 8 + tl.arange(0, BLOCK_C // 8)                                 # [BLOCK_C / 8]
     if TRANSPOSED:
         u = _numbers(seed, g[:, None] + row_counter[None, :])                        # [BLOCK_C / 8, BLOCK_R, 2, 2, 2]
@@ -70,5 +71,6 @@ def keep_tile(seed, row_counter, start_col, threshold, BLOCK_R: tl.constexpr, BL
 @triton.jit
 def keep_row(seed, row_counter, start_col, threshold, BLOCK_C: tl.constexpr):
     """``keep_tile`` of one row: [BLOCK_C], ``row_counter`` a scalar (int64)."""
+    tl.static_assert(BLOCK_C % 8 == 0, "keep_row covers whole groups of 8 columns")
     u = _numbers(seed, row_counter + start_col // 8 + tl.arange(0, BLOCK_C // 8))    # [BLOCK_C / 8, 2, 2, 2]
     return tl.reshape(u, [BLOCK_C]) >= threshold                                    # [BLOCK_C]

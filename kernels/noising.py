@@ -72,6 +72,7 @@ def _normals(seed, row_counter, start, BLOCK: tl.constexpr):
     at counter row_counter + j // 4, whose words (w0, w1) and (w2, w3) make two Box-Muller pairs
     (cos, sin).  One call per four normals: a call per element (tl.randn) costs about sixty integer
     instructions per element, more than these kernels' memory traffic at H100/H200 bandwidth."""
+    tl.static_assert(BLOCK % 4 == 0, "_normals covers whole groups of 4 columns")
     w0, w1, w2, w3 = tl.randint4x(seed, row_counter + start // 4 + tl.arange(0, BLOCK // 4))  # [BLOCK / 4] each
     n0, n1 = _box_muller(w0, w1)
     n2, n3 = _box_muller(w2, w3)
