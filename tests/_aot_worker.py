@@ -24,7 +24,10 @@ def _one(cfg: dict, cc: int) -> dict:
     try:
         fn = getattr(importlib.import_module(cfg["module"]), cfg["kernel"])
         attrs = {(fn.arg_names.index(name),): a for name, a in cfg.get("attrs", {}).items()}
-        src = ASTSource(fn=fn, signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
+        signature, constexprs = dict(cfg["signature"]), dict(cfg["constexprs"])
+        for name in cfg.get("ones", ()):  # an int the launcher specialised to the constant 1
+            signature[name], constexprs[name] = "constexpr", 1
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
                                     **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})})

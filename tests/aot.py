@@ -34,6 +34,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     maxnreg: int | None = None  # the launch's register cap (Triton's maxnreg option), None for ptxas's own
+    # int arguments compiled as the constant 1, as Triton's launcher specialises an int equal to 1 (a row
+    # stride of width-1 rows, a sample of one element); see ones()
+    ones: tuple = ()
     label: str = ""
     # argument name -> attributes, as Triton's launcher specializes them at run time, e.g.
     # {"q_ptr": [["tt.divisibility", 16]]} for a 16-byte aligned pointer or a stride that is a
@@ -41,7 +44,7 @@ class KernelConfig:
     attrs: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("module", "kernel", "signature", "constexprs", "num_warps", "num_stages", "maxnreg",
+        return {k: getattr(self, k) for k in ("module", "kernel", "signature", "constexprs", "num_warps", "num_stages", "maxnreg", "ones",
                                               "label", "attrs")}
 
 
@@ -135,6 +138,14 @@ def specialized(cfg: KernelConfig, *, strides_aligned: bool = True, extra=()) ->
     return replace(cfg, attrs=attrs, label=cfg.label + ("" if strides_aligned else " unaligned-strides"))
 
 
+def ones(cfg: KernelConfig, names) -> KernelConfig:
+    """``cfg`` with the int arguments ``names`` equal to 1, which Triton's launcher turns into constants
+    (a launch on rows of width 1 has row strides of 1): the variant those launches compile."""
+    names = tuple(names)
+    return replace(cfg, ones=names, attrs={k: v for k, v in cfg.attrs.items() if k not in names},
+                   label=f"{cfg.label} ones={','.join(names)}")
+
+
 def variants(cfg: KernelConfig, unaligned: bool) -> list[KernelConfig]:
     """``cfg`` specialized with aligned strides, and with unaligned ones too when ``unaligned``."""
     return [specialized(cfg)] + ([specialized(cfg, strides_aligned=False)] if unaligned else [])
@@ -151,7 +162,8 @@ def assert_launches_compiled(launches: list, configs: list[KernelConfig]) -> Non
     compiled = {}
     for c in configs:
         compiled.setdefault(c.kernel, set()).add(
-            _key({n: (t, n in c.attrs) for n, t in c.signature.items() if t != "constexpr"}))
+            _key({n: ("constexpr", False) if n in c.ones else (t, n in c.attrs)
+                  for n, t in c.signature.items() if t != "constexpr"}))
     assert launches
     for fn, args, kwargs in launches:
         runtime = _key({n: (t, a == "D") for n, (t, a) in runtime_specialization(fn, args, kwargs).items()})

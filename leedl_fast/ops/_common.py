@@ -67,10 +67,14 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     stride): unit column stride, a 16-byte aligned start, and a row stride that is a multiple of 16
     exactly when C is, as in the fresh contiguous outputs the kernels write.  Triton compiles one
     variant per alignment of pointers and strides; with this rule a launch is one of the two the
-    compile checks cover (everything aligned, or aligned pointers and odd strides).  Anything else,
-    such as a view at an odd offset into wider rows, is copied into a contiguous tensor."""
+    compile checks cover (everything aligned, or aligned pointers and odd strides).  Rows of width 1
+    are contiguous, row stride 1, like the outputs: Triton makes an int equal to 1 a constant, a third
+    variant, compiled as such.  Anything else, such as a view at an odd offset into wider rows, is copied
+    into a contiguous tensor."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
     n_cols = rows.shape[1]
+    if n_cols == 1 and rows.stride(0) != 1:
+        return rows.clone(memory_format=torch.contiguous_format)
     if n_cols > 1 and rows.stride(1) != 1:
         return rows.contiguous()
     if rows.data_ptr() % 16 or (rows.stride(0) % 16 == 0) != (n_cols % 16 == 0):

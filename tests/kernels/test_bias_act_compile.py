@@ -7,12 +7,14 @@ with bias and dropout in bf16 at the Transformer's width (the heaviest variants:
 activation and its derivative), and a sample in which every tile shape, flag value and dtype
 appears at least once.  Each is compiled as Triton specialises a launch on rows whose width is a
 multiple of 16 (every pointer and stride 16-aligned), and three (odd widths 5 and 30, and gelu_tanh,
-the most registers, at 4096) also with unaligned strides; the last test checks with Triton's own
+the most registers, at 4096) also with unaligned strides, and rows of width 1 with their row strides
+the constant 1 (Triton specialises an int equal to 1); the last test checks with Triton's own
 binder that the op's launches specialise as one of these.
 """
 import pytest
 
-from tests.aot import SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
+from tests.aot import (SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, ones, record_launches,
+                       specialized, variants)
 
 pytest.importorskip("triton")
 
@@ -65,6 +67,16 @@ def _configs():
                                      num_warps=cfg["num_warps"], label=f"fwd {tag}"), unaligned=odd)
         out += variants(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_bwd_kernel", _bwd_signature(dt), const,
                                      num_warps=cfg["num_warps"], label=f"bwd {tag}"), unaligned=odd)
+    # Rows of width 1 (contiguous, as_rows makes them so): every row stride is 1, a constant to Triton.
+    cfg = launch_config(1)
+    const = {"ACT": ACTIVATIONS["gelu"], "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_M": cfg["BLOCK_M"],
+             "BLOCK_N": cfg["BLOCK_N"]}
+    out.append(ones(specialized(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_fwd_kernel",
+                                             _fwd_signature("fp32"), const, num_warps=cfg["num_warps"],
+                                             label="fwd C=1 gelu fp32")), ("stride_xm", "stride_ym")))
+    out.append(ones(specialized(KernelConfig("leedl_fast.kernels.bias_act", "_bias_act_bwd_kernel",
+                                             _bwd_signature("fp32"), const, num_warps=cfg["num_warps"],
+                                             label="bwd C=1 gelu fp32")), ("stride_dym", "stride_xm", "stride_dxm")))
     return out
 
 
@@ -90,7 +102,8 @@ def test_compiles_without_spills(reports):
         assert 0 < r.registers <= 128, str(r)  # an elementwise kernel: leave room for occupancy
 
 
-@pytest.mark.parametrize("shape,dtype", [((3, 5, 1000), "float32"), ((2, 4096), "bfloat16"), ((4, 30), "float16")])
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 1000), "float32"), ((2, 4096), "bfloat16"), ((4, 30), "float16"),
+                                         ((9, 1), "float32")])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_launches_use_a_compiled_specialization(monkeypatch, triton_path, shape, dtype, dropout_p):
     """Through the op, forward and backward, on contiguous rows and on views at odd offsets (which

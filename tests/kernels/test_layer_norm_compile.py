@@ -4,12 +4,14 @@ The configurations with every option on (residual, weight, bias, dropout, stored
 gradient) carry the most live registers; the all-off ones are the smallest.  Row widths from one
 small block to the 8192-wide forward and the looped backward, fp16,
 bf16 and fp32.  Each is compiled as Triton specialises a launch on rows whose width is a multiple of
-16 (every pointer and stride 16-aligned), some also with unaligned strides (other widths); the last
+16 (every pointer and stride 16-aligned), some also with unaligned strides (other widths), and rows
+of width 1 with their row strides the constant 1 (Triton specialises an int equal to 1); the last
 test checks with Triton's own binder that the op's launches specialise as one of these.
 """
 import pytest
 
-from tests.aot import SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, record_launches, variants
+from tests.aot import (SHARED_LIMIT, KernelConfig, assert_launches_compiled, compile_many, ones, record_launches,
+                       specialized, variants)
 
 pytest.importorskip("triton")
 
@@ -61,6 +63,14 @@ def _configs():
         odd = on and n_cols == 8192 and dt != "fp16"
         out += variants(_fwd(n_cols, dt, on), unaligned=odd)
         out += variants(_bwd(n_cols, dt, on), unaligned=odd)
+    # Rows of width 1 (contiguous, as_rows makes them so): the row strides are 1, constants to Triton;
+    # an absent tensor's stride is 0 (the forward without h stored, the backward without dh_in).
+    fwd_ones = ("stride_xm", "stride_rm", "stride_ym")
+    out.append(ones(specialized(_fwd(1, "fp32", True)), fwd_ones + ("stride_hm",)))
+    out.append(ones(specialized(_fwd(1, "fp32", True)), fwd_ones))
+    bwd_ones = ("stride_dym", "stride_hm", "stride_dxm", "stride_drm")
+    out.append(ones(specialized(_bwd(1, "fp32", True)), bwd_ones))
+    out.append(ones(specialized(_bwd(1, "fp32", True)), bwd_ones + ("stride_dhm",)))  # with an h gradient in
     return out
 
 
@@ -88,7 +98,8 @@ def test_compiles_without_spills(reports):
         assert 0 < r.registers <= 255, str(r)
 
 
-@pytest.mark.parametrize("shape,dtype", [((3, 5, 1000), "float32"), ((2, 1024), "bfloat16"), ((4, 80), "float16")])
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 1000), "float32"), ((2, 1024), "bfloat16"), ((4, 80), "float16"),
+                                         ((6, 1), "float32")])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_launches_use_a_compiled_specialization(monkeypatch, triton_path, shape, dtype, dropout_p):
     """Through the op, forward and backward, with the residual, weight and bias as contiguous rows and
