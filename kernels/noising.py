@@ -49,33 +49,15 @@ RUNTIME_INTS = ["n_chunks", "n_timesteps", "seed"]
 
 
 @triton.jit
-def _uniform(w):
-    """tl.rand's map of a 32-bit Philox word to [0, 1) (read as int32, folded, scaled)."""
-    x = w.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, -x - 1, x)
-    return x.to(tl.float32) * 4.6566127342e-10
-
-
-@triton.jit
-def _box_muller(wa, wb):
-    """Two standard normals from two Philox words: tl.randn's cosine branch and its sine partner."""
-    u1 = tl.maximum(1.0e-7, _uniform(wa))
-    th = 6.283185307179586 * _uniform(wb)
-    r = tl.sqrt(-2.0 * tl.log(u1))
-    return r * tl.cos(th), r * tl.sin(th)
-
-
-@triton.jit
 def _normals(seed, row_counter, start, BLOCK: tl.constexpr):
     """Standard normals [BLOCK] of columns ``start + arange(BLOCK)`` (start % 4 == 0) of the row whose
-    first counter is ``row_counter`` (r * ceil(n_cols / 4)): column j is normal j % 4 of the Philox call
-    at counter row_counter + j // 4, whose words (w0, w1) and (w2, w3) make two Box-Muller pairs
-    (cos, sin).  One call per four normals: a call per element (tl.randn) costs about sixty integer
-    instructions per element, more than these kernels' memory traffic at H100/H200 bandwidth."""
+    first counter is ``row_counter`` (r * ceil(n_cols / 4)): column j is normal j % 4 of
+    ``tl.randn4x`` at counter row_counter + j // 4 (its words (w0, w1) and (w2, w3) make two
+    Box-Muller pairs, cos then sin).  One Philox call per four normals: a call per element (tl.randn)
+    costs about sixty integer instructions per element, more than these kernels' memory traffic at
+    H100/H200 bandwidth."""
     tl.static_assert(BLOCK % 4 == 0, "_normals covers whole groups of 4 columns")
-    w0, w1, w2, w3 = tl.randint4x(seed, row_counter + start // 4 + tl.arange(0, BLOCK // 4))  # [BLOCK / 4] each
-    n0, n1 = _box_muller(w0, w1)
-    n2, n3 = _box_muller(w2, w3)
+    n0, n1, n2, n3 = tl.randn4x(seed, row_counter + start // 4 + tl.arange(0, BLOCK // 4))  # [BLOCK / 4] each
     n = tl.join(tl.join(n0, n2), tl.join(n1, n3))                                    # [BLOCK / 4, 2, 2]: 2a + b
     return tl.reshape(n, [BLOCK])                                                    # [BLOCK]
 

@@ -122,14 +122,7 @@ def philox_normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     interpreted kernel's bit for bit.  Elsewhere they are torch's, which round the last bit differently
     from numpy's and from the GPU's libdevice: agreement to 1e-6 (what the tests check there)."""
     c0, c1, _, _ = philox_randint4x(seed, offsets)
-    u1 = torch.clamp_min(_uint_to_uniform(c0), 1.0e-7)
-    u2 = _uint_to_uniform(c1)
-    th = u2 * torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
-    if u1.device.type == "cpu" and not torch.compiler.is_compiling():
-        u1n, thn = u1.numpy(), th.numpy()
-        return torch.from_numpy(np.sqrt(np.float32(-2.0) * np.log(u1n)) * np.cos(thn))
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return r * torch.cos(th)
+    return _box_muller(c0, c1)[0]
 
 
 # Philox constants minus 2**32: negative, |a| < 2**31, so c * a is exact in int64 for any 32-bit c.
@@ -208,14 +201,13 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     flattened row-major: the mask of the row-wise dropout ops (bias + activation, residual + LayerNorm)."""
     shape = tuple(int(s) for s in shape)
     n_cols = shape[-1] if shape else 1
-    n_rows = 1
-    for s in shape[:-1]:
-        n_rows *= s
-    return dropout_keep(seed, torch.arange(n_rows, dtype=torch.int64, device=device), n_cols, p).reshape(shape)
+    rows = torch.arange(math.prod(shape[:-1]), dtype=torch.int64, device=device)
+    return dropout_keep(seed, rows, n_cols, p).reshape(shape)
 
 
 def _box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """tl.randn's Box-Muller on two words, both branches: (r cos th, r sin th), float32.  On the CPU
+    """Triton's Box-Muller on two words, both branches (``tl.randn4x``'s pair; ``tl.randn`` is the first):
+    (r cos th, r sin th), float32.  On the CPU
     (outside torch.compile) log, sqrt, cos and sin are numpy's float32 functions, the ones Triton's
     interpreter evaluates, so the result equals an interpreted kernel's bit for bit."""
     u1 = torch.clamp_min(_uint_to_uniform(wa), 1.0e-7)
@@ -233,9 +225,9 @@ def normal_rows(seed: int, rows: torch.Tensor, n_cols: int) -> torch.Tensor:
     the kernel's under Triton's interpreter (within 1e-6 of a compiled GPU kernel, whose libdevice
     rounds the last bit its own way).
 
-    Element (r, j) of a matrix with ``n_cols`` columns is normal ``j % 4`` of the Philox call at counter
-    ``r * ceil(n_cols / 4) + j // 4``: words (w0, w1) and (w2, w3) each make a Box-Muller pair, cosine
-    branch first (the cosine of (w0, w1) is ``tl.randn``'s number for that counter)."""
+    Element (r, j) of a matrix with ``n_cols`` columns is normal ``j % 4`` of ``tl.randn4x`` at counter
+    ``r * ceil(n_cols / 4) + j // 4``: words (w0, w1) and (w2, w3) of one Philox call each make a
+    Box-Muller pair, cosine branch first (the first is ``tl.randn``'s number for that counter)."""
     seed = _check_seed(seed)
     rows = _check_offsets(rows)
     n_groups = -(-n_cols // 4)
