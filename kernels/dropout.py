@@ -12,14 +12,15 @@ decided by one 16-bit number:
 
 and kept values are scaled by ``2**16 / (2**16 - threshold)``, so dropout is exactly
 unbiased for the probability it applies, p rounded to a multiple of 2**-16 (an error of at most
-2**-17 = 7.6e-6 in p; 2**-16 for p within 2**-17 of 1, where the threshold is capped).  ``leedl_fast.random.dropout_keep`` is the PyTorch twin, bit for bit.
+2**-17 = 7.6e-6 in p; 2**-16 for p within 2**-17 of 1, where the threshold is capped).
+``leedl_fast.random.dropout_keep`` is the PyTorch twin, bit for bit.
 
 Why not ``tl.rand`` per element: one Philox-4x32-10 call is about sixty integer
 instructions, and in attention they run on the CUDA cores next to tensor-core products of
 only 4·D flops per element, so a call per element (three per element over forward and
 backward) costs several times the matmuls by instruction count.  FlashAttention-2 makes sixteen
-8-bit decisions per call (p in steps of 1/256; csrc/flash_attn/src/dropout.h); eight 16-bit ones keep p exact to 2**-16 at an eighth of the
-cost.  A row starts a new counter, so the stream does not depend on the kernels' block sizes.
+8-bit decisions per call (p in steps of 1/256; csrc/flash_attn/src/dropout.h); eight 16-bit ones
+keep p exact to 2**-16 at an eighth of the cost.  A row starts a new counter, so the stream does not depend on the kernels' block sizes.
 """
 from __future__ import annotations
 

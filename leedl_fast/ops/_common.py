@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..random import MAX_SEED
+from ..random import MAX_SEED, dropout_mask, dropout_scale
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,11 +73,10 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     into a contiguous tensor."""
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
     n_cols = rows.shape[1]
-    if n_cols == 1 and rows.stride(0) != 1:
-        return rows.clone(memory_format=torch.contiguous_format)
     if n_cols > 1 and rows.stride(1) != 1:
         return rows.contiguous()
-    if rows.data_ptr() % 16 or (rows.stride(0) % 16 == 0) != (n_cols % 16 == 0):
+    if (rows.data_ptr() % 16 or (rows.stride(0) % 16 == 0) != (n_cols % 16 == 0)
+            or (n_cols == 1 and rows.stride(0) != 1)):
         return rows.clone(memory_format=torch.contiguous_format)  # also when already contiguous
     return rows
 
@@ -95,3 +94,11 @@ def as_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A per-column parameter (C,) as the row kernels take it: contiguous, 16-byte aligned start
     (a copy otherwise, as ``as_rows``); None stays None."""
     return None if t is None else as_rows(t)[0]
+
+
+def row_dropout(v: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """The row kernels' dropout of ``v`` (..., C) on the torch path, in v's dtype: ``dropout_mask``'s
+    kept elements times ``dropout_scale(p)`` (a float scalar, applied in v's dtype as the kernel's
+    float32 scale is), the others 0."""
+    keep = dropout_mask(seed, v.shape, p, v.device)
+    return torch.where(keep, v * dropout_scale(p), torch.zeros((), dtype=v.dtype, device=v.device))

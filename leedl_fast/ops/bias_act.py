@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..random import dropout_mask, dropout_scale
-from ._common import as_rows, as_vector, check_dropout, check_tensor, dropout_seed, seed_int
+from ._common import as_rows, as_vector, check_dropout, check_tensor, dropout_seed, row_dropout, seed_int
 
 __all__ = ["bias_act_dropout", "bias_act_dropout_reference", "ACTIVATIONS"]
 
@@ -105,8 +105,7 @@ def _bias_act_dropout_torch(x: torch.Tensor, bias: Optional[torch.Tensor], activ
     z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     a = _act_torch(z, activation)
     if dropout_p > 0.0:
-        keep = dropout_mask(seed, x.shape, dropout_p, x.device)
-        a = torch.where(keep, a * dropout_scale(dropout_p), torch.zeros((), dtype=acc, device=x.device))
+        a = row_dropout(a, seed, dropout_p)
     y = a.to(x.dtype).contiguous()
     if y.data_ptr() == x.data_ptr() and x.numel() > 0:  # identity of a float32 input: never alias the input
         y = y.clone()
@@ -132,8 +131,7 @@ def _bias_act_dropout_backward_torch(dy: torch.Tensor, x: torch.Tensor, bias: Op
     z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     g = dy.to(acc)
     if dropout_p > 0.0:
-        keep = dropout_mask(seed, x.shape, dropout_p, x.device)
-        g = torch.where(keep, g * dropout_scale(dropout_p), torch.zeros((), dtype=acc, device=x.device))
+        g = row_dropout(g, seed, dropout_p)
     dz = _act_backward_torch(g, z, activation)
     dx = dz.to(x.dtype).contiguous()
     if dx.data_ptr() == dy.data_ptr() and dx.numel() > 0:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..random import dropout_mask, dropout_scale
-from ._common import as_rows, as_vector, check_dropout, check_same, check_tensor, dropout_seed, seed_int
+from ._common import as_rows, as_vector, check_dropout, check_same, check_tensor, dropout_seed, row_dropout, seed_int
 
 __all__ = ["dropout_add_layer_norm", "dropout_add_layer_norm_reference"]
 
@@ -96,13 +96,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _dropped(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """dropout(x) in the accumulation dtype: x * keep * dropout_scale(p), as the kernel computes it."""
-    acc = _acc(x.dtype)
-    xa = x.to(acc)
-    if p <= 0.0:
-        return xa
-    keep = dropout_mask(seed, x.shape, p, x.device)
-    # The kernel multiplies by a float32 scale; a Python float scalar is applied in the tensor's dtype.
-    return torch.where(keep, xa * dropout_scale(p), torch.zeros((), dtype=acc, device=x.device))
+    xa = x.to(_acc(x.dtype))
+    return xa if p <= 0.0 else row_dropout(xa, seed, p)
 
 
 def _residual_sum(x, residual, seed, p) -> torch.Tensor:
@@ -155,8 +150,7 @@ def _bwd_torch(dy, dh_in, h, weight, mean, rstd, seed, p, has_residual, has_bias
         dh = dh + dh_in.to(acc)
     dres = dh.to(h.dtype).contiguous() if has_residual else h.new_empty(0)
     if p > 0.0:
-        keep = dropout_mask(seed, h.shape, p, h.device)
-        dh = torch.where(keep, dh * dropout_scale(p), torch.zeros((), dtype=acc, device=h.device))
+        dh = row_dropout(dh, seed, p)
     dx = dh.to(h.dtype).contiguous()
     dw = (dya * xhat).reshape(-1, c).sum(0).to(weight.dtype) if weight is not None else h.new_empty(0)
     db = dya.reshape(-1, c).sum(0).to(h.dtype) if has_bias else h.new_empty(0)
