@@ -87,10 +87,22 @@ def _keep_by_definition(seed, rows, n_cols, p):
     return ((w >> (16 * (s % 2))) & 0xFFFF) >= t
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def rounds(request, monkeypatch):
+    """Which Philox rounds the streams run: the numpy uint64 ones (the CPU's) or the int64 tensor ones
+    (every other device's, and a torch.compile trace's), forced here on the CPU."""
+    import leedl_fast.random as lr
+
+    if request.param == "torch":
+        monkeypatch.setattr(lr, "_numpy_rounds", lambda t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2**40 + 12345, MAX_SEED])
-def test_dropout_keep_matches_its_definition(seed):
-    """``dropout_keep`` (the fast int64 Philox, all four words, halves) equals the definition: counters
-    past 2**32, widths not a multiple of 8, column ranges that start and stop inside a group of 8."""
+def test_dropout_keep_matches_its_definition(seed, rounds):
+    """``dropout_keep`` (all four words of a call, both halves of a word) equals the definition on both
+    kinds of rounds: counters past 2**32, widths not a multiple of 8, column ranges that start and stop
+    inside a group of 8."""
     from leedl_fast.random import dropout_keep
 
     rows = torch.cat([torch.arange(0, 40), torch.tensor([2**29 + 3, 2**33 // 37, 2**55])])
@@ -163,8 +175,25 @@ def test_kernel_keep_tiles_match(n_cols, start, triton_path):
     assert torch.equal(out[R * C:][:stop - start], ref[0])
 
 
+def test_numpy_and_torch_rounds_agree_across_chunks(monkeypatch):
+    """The numpy rounds run ``_CHUNK`` counters a pass: over several passes (and a ragged last one) they
+    give the int64 tensor rounds' words, decisions and normals."""
+    import leedl_fast.random as lr
+
+    seed, rows, n_cols = 2**33 + 77, torch.arange(3 * lr._CHUNK // 9 + 5) * 3 + 2**31, 70   # > 3 passes
+    ctr = torch.arange(2 * lr._CHUNK + 123, dtype=torch.int64) * 2**21 + 5
+    words_np = lr._philox_words_np(seed & 0xFFFFFFFF, seed >> 32, ctr.numpy().view("uint64"))
+    words_t = lr._philox_words_fast(seed & 0xFFFFFFFF, seed >> 32, ctr)
+    for a, b in zip(words_np, words_t):
+        assert torch.equal(torch.from_numpy(a.view("int64")), b & 0xFFFFFFFF)
+    keep, noise = lr.dropout_keep(seed, rows, n_cols, 0.3), lr.normal_rows(seed, rows[:2000], n_cols)
+    monkeypatch.setattr(lr, "_numpy_rounds", lambda t: False)
+    assert torch.equal(keep, lr.dropout_keep(seed, rows, n_cols, 0.3))
+    assert torch.equal(noise, lr.normal_rows(seed, rows[:2000], n_cols))
+
+
 @pytest.mark.parametrize("seed", [0, 2**40 + 12345])
-def test_normal_rows_matches_its_definition(seed):
+def test_normal_rows_matches_its_definition(seed, rounds):
     """``normal_rows`` (the diffusion noise) equals its definition, element by element in numpy float32:
     element j of row r is Box-Muller pair (j % 4) // 2 of the Philox call at counter r * ceil(C / 4) + j // 4,
     cosine for even j, sine for odd; the first element of a group is tl.randn's number for its counter."""
