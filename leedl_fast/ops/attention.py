@@ -95,8 +95,9 @@ The torch path (CPU fallback)
 * With dropout (or when the torch path is forced on a non-CPU device) the same
   blocks run plain PyTorch math in float32 (float64 for float64 inputs) with the
   Philox keep-mask (``leedl_fast.random.dropout_keep``, one Philox call per eight
-  scores in eager int64 tensor ops) regenerated block by block in the backward; memory
-  stays bounded by the block size.
+  scores, its rounds in numpy uint64 arrays on the CPU) regenerated block by block in
+  the backward; memory stays bounded by the block size.  Scale, normalisation and
+  dropout scale multiply the (rows x D) products, not the (rows x keys) blocks.
 """
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ MAX_HEAD_DIM = 256
 
 # Elements of one interior kernel call's key-gradient windows (see _chunks); tests lower it.
 _CHUNK_ELEMS = 1 << 19
+# Scores of one block of the plain-math path (see _math_blocks); tests lower it.
+_MATH_BLOCK_SCORES = 1 << 20
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -676,9 +679,10 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
 
 def _math_blocks(nq, nk, left, right, b, hq):
     """Query blocks (i0, i1) and their key ranges [lo, hi) for the plain-math path.  A block holds
-    at most about 2**19 scores (Philox works on int64 copies of them); for a band the block has
-    about as many rows as the band is wide, so the work stays close to N * w."""
-    budget = 1 << 19
+    at most about ``_MATH_BLOCK_SCORES`` (2**20) scores, 4 MiB per float32 temporary (the backward
+    holds three); for a band the block has about as many rows as the band is wide, so the work
+    stays close to N * w."""
+    budget = _MATH_BLOCK_SCORES
     if left >= 0 and right >= 0:
         w = left + right + 1
         bm = max(16, min(256, w))
@@ -693,20 +697,35 @@ def _math_blocks(nq, nk, left, right, b, hq):
 
 
 def _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc):
-    """Scaled scores of a block with invisible entries at -inf: (B, Hkv, G, rows, keys), and visibility."""
+    """Scores of a block with invisible entries at -inf, (B, Hkv, G, rows, keys), from q's rows times
+    ``scale`` (``qs``, (B, Hkv, G, rows, D): scaling q costs N * D, scaling the scores N * keys) and
+    the keys ``kb`` (B, Hkv, 1, keys, D)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
-    qb = q[:, :, i0:i1].to(acc).reshape(b, hkv, g, i1 - i0, d)
+    qs = (q[:, :, i0:i1].to(acc) * scale).reshape(b, hkv, g, i1 - i0, d)
     kb = k[:, :, lo:hi].to(acc)[:, :, None]                                            # [B, Hkv, 1, keys, D]
-    s = (qb @ kb.transpose(-1, -2)) * scale                                            # [B, Hkv, G, rows, keys]
+    s = qs @ kb.transpose(-1, -2)                                                      # [B, Hkv, G, rows, keys]
     vis = _block_visible(i0, i1, lo, hi, nq, nk, left, right, kpm, q.device)
     if vis is not None:
-        s = s.masked_fill(~vis[:, :, None], float("-inf"))
-    return s, qb, kb
+        s.masked_fill_(~vis[:, :, None], float("-inf"))
+    return s, qs, kb
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x with its infinities (the max or log-sum-exp of a row that sees no key) replaced by 0."""
+    return torch.where(torch.isinf(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def _keep_bytes(*args) -> torch.Tensor:
+    """``_dropout_keep`` as 0/1 uint8: a float tensor multiplies by uint8 several times faster than by
+    bool (which torch converts through a slow path) or than ``masked_fill_`` runs."""
+    return _dropout_keep(*args).view(torch.uint8)
 
 
 def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
+    # Per block: E = exp(S - m) with S = (scale q) k^T; O = (E * keep) V * dropout_scale / rowsum(E).
+    # The normalisation and the dropout scale act on O (rows x D), not on E (rows x keys).
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -717,26 +736,28 @@ def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
             lse[:, :, i0:i1] = float("-inf")
             continue
         s, _, _ = _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros((), dtype=acc), m)                   # empty rows: exp(-inf) = 0
-        e = torch.exp(s - m)
-        den = e.sum(-1, keepdim=True)
-        lse_b = (m + torch.log(den)).squeeze(-1)                                          # -inf where den = 0
-        prob = e / torch.where(den == 0, torch.ones((), dtype=acc), den)
+        m = _finite(s.amax(-1, keepdim=True))
+        e = s.sub_(m).exp_()                                                              # [B, Hkv, G, rows, keys]
+        den = e.sum(-1, keepdim=True)                                                     # 0 for a row that sees nothing
+        lse[:, :, i0:i1] = (m + torch.log(den)).reshape(b, hq, i1 - i0)
         if p > 0:
-            keep = _dropout_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, i1 - i0, hi - lo)
-            prob = prob * keep * dropout_scale(p)
+            e.mul_(_keep_bytes(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, i1 - i0, hi - lo))
+        den.masked_fill_(den == 0, 1.0).reciprocal_().mul_(dropout_scale(p) if p > 0 else 1.0)
         vb = v[:, :, lo:hi].to(acc)[:, :, None]                                           # [B, Hkv, 1, keys, D]
-        o[:, :, i0:i1] = (prob @ vb).reshape(b, hq, i1 - i0, d)
-        lse[:, :, i0:i1] = lse_b.reshape(b, hq, i1 - i0)
+        o[:, :, i0:i1] = ((e @ vb) * den).reshape(b, hq, i1 - i0, d)
     return o
 
 
 def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv):
+    # With P = exp(S - lse), K = keep (0/1) and c = dropout_scale: O = c (P * K) V, so
+    #   dV = c (P * K)^T dO,   dS = P * (c K * dO V^T - delta) = c P * (K * dO V^T - delta / c),
+    #   delta = rowsum(dO * O) (Dao, FlashAttention-2, sec. 3.1),  dq = scale dS K,  dk = dS^T (scale q).
+    # The constants c and scale act on the (rows x D) products, not on the (rows x keys) blocks.
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = dropout_scale(p) if p > 0 else 1.0
     dk_acc = torch.zeros(dk.shape, dtype=acc, device=q.device)
     dv_acc = torch.zeros(dv.shape, dtype=acc, device=q.device)
     for i0, i1, lo, hi in _math_blocks(nq, nk, left, right, b, hq):
@@ -744,25 +765,23 @@ def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
         if hi == lo:
             dq[:, :, i0:i1] = 0
             continue
-        s, qb, kb = _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc)
-        lse_b = lse[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, 1)
-        lse_b = torch.where(torch.isinf(lse_b), torch.zeros((), dtype=acc), lse_b)
-        prob = torch.exp(s - lse_b)                                                        # [B, Hkv, G, rows, keys]
+        s, qs, kb = _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc)
+        lse_b = _finite(lse[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, 1))
+        prob = s.sub_(lse_b).exp_()                                                       # [B, Hkv, G, rows, keys]
         dob = do[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, d)
         vb = v[:, :, lo:hi].to(acc)[:, :, None]
-        dprob = dob @ vb.transpose(-1, -2)                                                 # dL/d(dropped P)
-        if p > 0:
-            keep = _dropout_keep(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, rows, hi - lo)
-            pdrop = prob * keep * dropout_scale(p)
-            dprob = dprob * keep * dropout_scale(p)
-        else:
-            pdrop = prob
-        # rowsum(P * dP) = rowsum(dO * O): O = P_dropped V (Dao, FlashAttention-2, sec. 3.1).
         delta = (dob * o[:, :, i0:i1].to(acc).reshape(b, hkv, g, rows, d)).sum(-1, keepdim=True)
-        ds = prob * (dprob - delta) * scale
-        dq[:, :, i0:i1] = (ds @ kb).reshape(b, hq, rows, d)
-        dk_acc[:, :, lo:hi] += (ds.transpose(-1, -2) @ qb).sum(2)
-        dv_acc[:, :, lo:hi] += (pdrop.transpose(-1, -2) @ dob).sum(2)
+        ds = dob @ vb.transpose(-1, -2)                                                   # dO V^T
+        keep = None
+        if p > 0:
+            keep = _keep_bytes(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, rows, hi - lo)
+            ds.mul_(keep)
+        ds.sub_(delta / c).mul_(prob)                                                     # dS / c
+        dq[:, :, i0:i1] = ((ds @ kb) * (c * scale)).reshape(b, hq, rows, d)
+        dk_acc[:, :, lo:hi].add_((ds.transpose(-1, -2) @ qs).sum(2), alpha=c)
+        if keep is not None:
+            prob.mul_(keep)
+        dv_acc[:, :, lo:hi].add_((prob.transpose(-1, -2) @ dob).sum(2), alpha=c)
     dk.copy_(dk_acc)
     dv.copy_(dv_acc)
     return dq, dk, dv

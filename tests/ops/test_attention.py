@@ -411,18 +411,25 @@ def test_torch_compile_draws_seed_in_graph(torch_path):
     assert not torch.equal(a, attention(q, q, q))
 
 
+@pytest.mark.parametrize("block_scores", [None, 300], ids=["one_block", "many_blocks"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (3, 5)], ids=str)
-def test_plain_math_path_without_dropout(window):
-    """The math blocks (the torch path off the CPU, and with dropout) also serve dropout_p = 0."""
+def test_plain_math_path(window, p, block_scores, monkeypatch):
+    """The math blocks (the torch path off the CPU, and with dropout), with and without dropout, in one
+    block and split into many (query blocks of one or a few rows, ragged last block)."""
+    if block_scores is not None:
+        monkeypatch.setattr(attn_mod, "_MATH_BLOCK_SCORES", block_scores)
+        assert len(list(attn_mod._math_blocks(45, 50, *window, 2, 4))) > 4
     q, k, v, do, kpm = _inputs(2, 4, 2, 45, 50, 16, pad="random")
     left, right = window
     o = torch.empty(q.shape, dtype=F64)
     lse = torch.empty(q.shape[:3], dtype=F64)
-    attn_mod._fwd_math(q, k, v, kpm, 0.25, left, right, 0.0, 0, o, lse)
+    attn_mod._fwd_math(q, k, v, kpm, 0.25, left, right, p, 7, o, lse)
     dq, dk, dv = (torch.empty(t.shape, dtype=F64) for t in (q, k, v))
-    attn_mod._bwd_math(do, q, k, v, o, lse, kpm, 0.25, left, right, 0.0, 0, dq, dk, dv)
+    attn_mod._bwd_math(do, q, k, v, o, lse, kpm, 0.25, left, right, p, 7, dq, dk, dv)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = attention_reference(qr, kr, vr, window=window, key_padding_mask=kpm, scale=0.25, return_lse=True)
+    ref, ref_lse = attention_reference(qr, kr, vr, window=window, key_padding_mask=kpm, scale=0.25, return_lse=True,
+                                       dropout_p=p, seed=7)
     ref.backward(do)
     for got, want, name in ((o, ref, "o"), (lse, ref_lse, "lse"), (dq, qr.grad, "dq"), (dk, kr.grad, "dk"),
                             (dv, vr.grad, "dv")):
