@@ -1,7 +1,8 @@
 """ops.noising (torch path) against the unfused PyTorch expressions on the CPU, same inputs, same run.
 
-On the CPU the fused ops run their pure-PyTorch path, whose Philox noise is integer
-arithmetic in int64 tensors: expect it to be slower than torch.randn here.  The
+On the CPU the fused ops run their torch path, which draws the kernel's Philox noise
+(integer rounds in numpy uint64 arrays, Box-Muller in float32): expect it to be slower
+than torch.randn here.  The
 speed-up is the GPU kernel's (leedl_fast/bench/cases/noising.py)."""
 import pytest
 import torch
