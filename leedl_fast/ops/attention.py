@@ -63,11 +63,13 @@ launchers of ``leedl_fast.kernels.attention``, or the torch path below), so
 paths, from the saved (q, k, v, o, lse): FlashAttention-2's recomputation
 scheme, which never keeps the N x N probabilities.  ``lse`` is float32 (float64
 for float64 inputs) and contiguous.  ``o`` and the gradients have fixed layouts,
-because a compiled graph relies on the fake strides (``_like``): on CPU the
-input's own strides when it is dense, else (B, N, H, D) order (what ATen's CPU
-kernels write, so no copy); on CUDA contiguous (what the Triton launchers write);
-either path copies only when its result differs.  The seed travels as a 0-d
-int64 tensor so that a compiled graph can draw it.
+because a compiled graph relies on the fake strides (``_layout``, ``_grad_layout``):
+on CPU o has q's own strides when q is dense, else (B, N, H, D) order, and the
+gradients (B, N, H, D) order, which is what ATen's CPU kernels write (so no copy);
+on CUDA contiguous (what the Triton launchers write).  Either path copies only
+when its result differs, and allocates a buffer only where it writes into one, so
+the dense CPU path's peak memory is SDPA's (measured in ``bench/``).  The seed
+travels as a 0-d int64 tensor so that a compiled graph can draw it.
 
 The torch path (CPU fallback)
 -----------------------------
@@ -256,37 +258,49 @@ def _bnhd_empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
 
 
-def _like(t: torch.Tensor) -> torch.Tensor:
-    """The layout of o (like q) and of each gradient (like its input).  On CPU: the input's own
-    strides when it is dense (as ``torch.empty_like``), else (B, N, H, D) order, which is what ATen's
-    CPU attention kernels write for such inputs (so they need no copy).  Elsewhere: contiguous, what
-    the Triton launchers write.  Both paths conform to it (the fake implementations promise it)."""
+def _layout(t: torch.Tensor) -> torch.Tensor:
+    """The layout of o, like q's (``_grad_layout`` for the gradients), as a meta tensor: no memory.
+    On CPU: the input's own strides when it is dense (as ``torch.empty_like``), else (B, N, H, D)
+    order, which is what ATen's CPU attention kernels write for such inputs (so they need no copy).
+    Elsewhere: contiguous, what the Triton launchers write.  Both paths conform to it (the fake
+    implementations promise it).  A buffer is allocated (``_empty``) only where a path writes into
+    one: a result a kernel returns in this layout is passed on as is (``_conform``)."""
     if t.device.type != "cpu":
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device)   # what the Triton launchers write
-    if _same_layout(torch.empty_like(t, device="meta"), t):
-        return torch.empty_like(t)
-    return _bnhd_empty(t.shape, t.dtype, t.device)
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")     # what the Triton launchers write
+    like = torch.empty_like(t, device="meta")
+    return like if _same_layout(like, t) else _bnhd_empty(t.shape, t.dtype, "meta")
 
 
-_out_empty = _like
-_grad_empty = _like
+def _grad_layout(t: torch.Tensor) -> torch.Tensor:
+    """The layout of the gradient of ``t`` (q, k or v), as ``_layout``.  On CPU (B, N, H, D) order
+    whatever t's: what ATen's CPU attention backward writes (torch 2.13), so the dense path passes its
+    gradients on as they are and, for a leaf of another layout, autograd re-lays them out after this
+    node's saved tensors are freed, as it does for SDPA's (a copy here would add one gradient's size
+    to the peak).  Elsewhere contiguous, what the Triton launchers write."""
+    if t.device.type != "cpu":
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return _bnhd_empty(t.shape, t.dtype, "meta")
 
 
-def _lse_empty(q: torch.Tensor) -> torch.Tensor:
+def _lse_layout(q: torch.Tensor) -> torch.Tensor:
+    """lse: (B, Hq, Nq) contiguous, float32 (float64 for float64 inputs)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty(q.shape[:3], dtype=dtype, device=q.device)
+    return torch.empty(q.shape[:3], dtype=dtype, device="meta")
+
+
+def _empty(layout: torch.Tensor, device) -> torch.Tensor:
+    return torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=device)
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
-def _conform(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t``'s values in ``like``'s layout (``like`` is a freshly allocated target); no copy if equal."""
-    if _same_layout(t, like) and t.storage_offset() == like.storage_offset():
+def _conform(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in ``layout`` (see ``_layout``): ``t`` itself when it has it, else a copy."""
+    if _same_layout(t, layout) and t.storage_offset() == 0:
         return t
-    like.copy_(t)
-    return like
+    return _empty(layout, t.device).copy_(t)
 
 
 # ----------------------------------------------------------------------------- torch path: geometry
@@ -502,7 +516,7 @@ def _prefix_empty(kpm, lo: int, hi: int, nq: int, causal: bool) -> Optional[torc
     return (seen[:, idx] == 0)[:, None]
 
 
-def _fwd_right_bounded(q, k, v, kpm, scale, right, o, lse):
+def _fwd_right_bounded(q, k, v, kpm, scale, right, o_layout, lse):
     """A band bounded on the right only (causal with any Nq, Nk; window (-1, r)): query i sees keys
     j <= i + s, s = Nk - Nq + right.  Rows i < -s see nothing; keys j < s are seen by every row (a
     plain call); keys j >= s by the kernel's top-left causal flag.  Two such parts are merged by their
@@ -512,16 +526,17 @@ def _fwd_right_bounded(q, k, v, kpm, scale, right, o, lse):
     s = nk - nq + right
     if s <= 0:
         r0 = -s
-        if r0 > 0:
-            o[:, :, :r0] = 0
-            lse[:, :, :r0] = float("-inf")
         ob, lb = _flash(q[:, :, r0:], k, v, True, _pad_additive(kpm, 0, nk, q.dtype), scale)
         if r0 == 0:
-            o = _conform(ob, o)
+            o = _conform(ob, o_layout)
         else:
+            o = _empty(o_layout, q.device)
+            o[:, :, :r0] = 0
+            lse[:, :, :r0] = float("-inf")
             o[:, :, r0:] = ob
         lse[:, :, r0:] = lb
         return o
+    o = _empty(o_layout, q.device)
     oa, la = _flash(q, k[:, :, :s], v[:, :, :s], False, _pad_additive(kpm, 0, s, q.dtype), scale)
     ob, lb = _flash(q, k[:, :, s:], v[:, :, s:], True, _pad_additive(kpm, s, nk, q.dtype), scale)
     la, lb = la.to(lse.dtype), lb.to(lse.dtype)
@@ -539,18 +554,18 @@ def _fwd_right_bounded(q, k, v, kpm, scale, right, o, lse):
     return o
 
 
-def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse):
+def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o_layout, lse):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     groups = hq // hkv
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if left < 0 and right < 0:
         of, lf = _flash(q, k, v, False, _pad_additive(kpm, 0, nk, q.dtype), scale)
-        o = _conform(of, o)
         lse.copy_(lf)
-        return o
+        return _conform(of, o_layout)
     if left < 0:
-        return _fwd_right_bounded(q, k, v, kpm, scale, right, o, lse)
+        return _fwd_right_bounded(q, k, v, kpm, scale, right, o_layout, lse)
+    o = _empty(o_layout, q.device)
     bm, ranges, interior = _loop_ranges(nq, nk, left, right)
     for r0, r1 in ranges:
         for i0 in range(r0, r1, bm):
@@ -587,7 +602,7 @@ def _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse):
     return o
 
 
-def _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq, dk, dv):
+def _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq_layout, dk_layout, dv_layout):
     """Backward of ``_fwd_right_bounded``: each part's kernel call with the merged o and lse gives
     that part's share of dq (P and rowsum(dO * O) are the merged ones) and its keys' dk, dv."""
     nq, nk = q.shape[2], k.shape[2]
@@ -597,22 +612,24 @@ def _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq, dk, dv):
         gq, gk, gv = _flash_bwd(do[:, :, r0:], q[:, :, r0:], k, v, o[:, :, r0:], lse[:, :, r0:], True,
                                 _pad_additive(kpm, 0, nk, q.dtype), scale)
         if r0 == 0:
-            dq = _conform(gq, dq)
+            dq = _conform(gq, dq_layout)
         else:
+            dq = _empty(dq_layout, q.device)
             dq[:, :, :r0] = 0
             dq[:, :, r0:] = gq
-        return dq, _conform(gk, dk), _conform(gv, dv)
+        return dq, _conform(gk, dk_layout), _conform(gv, dv_layout)
     gqa, gka, gva = _flash_bwd(do, q, k[:, :, :s], v[:, :, :s], o, lse, False, _pad_additive(kpm, 0, s, q.dtype),
                                scale)
     gqb, gkb, gvb = _flash_bwd(do, q, k[:, :, s:], v[:, :, s:], o, lse, True, _pad_additive(kpm, s, nk, q.dtype),
                                scale)
+    dq, dk, dv = _empty(dq_layout, q.device), _empty(dk_layout, q.device), _empty(dv_layout, q.device)
     torch.add(gqa, gqb, out=dq)
     dk[:, :, :s], dk[:, :, s:] = gka, gkb
     dv[:, :, :s], dv[:, :, s:] = gva, gvb
     return dq, dk, dv
 
 
-def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
+def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq_layout, dk_layout, dv_layout):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     groups = hq // hkv
@@ -623,9 +640,10 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv):
         lse = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)
     if left < 0 and right < 0:
         gq, gk, gv = _flash_bwd(do, q, k, v, o, lse, False, _pad_additive(kpm, 0, nk, q.dtype), scale)
-        return _conform(gq, dq), _conform(gk, dk), _conform(gv, dv)
+        return _conform(gq, dq_layout), _conform(gk, dk_layout), _conform(gv, dv_layout)
     if left < 0:
-        return _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq, dk, dv)
+        return _bwd_right_bounded(do, q, k, v, o, lse, kpm, scale, right, dq_layout, dk_layout, dv_layout)
+    dq, dk, dv = _empty(dq_layout, q.device), _empty(dk_layout, q.device), _empty(dv_layout, q.device)
 
     # Key gradients sum over overlapping blocks: accumulate in float32 (float64 for float64).
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -788,13 +806,12 @@ def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
 
 
 def _attention_fwd_torch(q, k, v, kpm, scale, left, right, p, seed):
-    o = _out_empty(q)
-    lse = _lse_empty(q)
+    lse = _empty(_lse_layout(q), q.device)
     left, right = _effective_band(q.shape[2], k.shape[2], left, right)
     if p > 0 or q.device.type != "cpu":        # ATen's fused kernels used here are the CPU ones
-        o = _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse)
+        o = _fwd_math(q, k, v, kpm, scale, left, right, p, seed, _empty(_layout(q), q.device), lse)
     else:
-        o = _fwd_fused_cpu(q, k, v, kpm, scale, left, right, o, lse)
+        o = _fwd_fused_cpu(q, k, v, kpm, scale, left, right, _layout(q), lse)
     if kpm is not None or left >= 0 or right >= 0:
         empty = _visible_counts(q.shape[0], q.shape[2], k.shape[2], left, right, kpm) == 0   # [B or 1, Nq]
         if bool(empty.any()):
@@ -805,11 +822,12 @@ def _attention_fwd_torch(q, k, v, kpm, scale, left, right, p, seed):
 
 
 def _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, p, seed):
-    dq, dk, dv = _grad_empty(q), _grad_empty(k), _grad_empty(v)
+    layouts = _grad_layout(q), _grad_layout(k), _grad_layout(v)
     left, right = _effective_band(q.shape[2], k.shape[2], left, right)
     if p > 0 or q.device.type != "cpu":
-        return _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
-    return _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq, dk, dv)
+        return _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed,
+                         *(_empty(t, q.device) for t in layouts))
+    return _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, *layouts)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -828,13 +846,12 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad
 
     o, lse = attention_fwd(q, k, v, scale=scale, left=left, right=right, key_padding_mask=key_padding_mask,
                            dropout_p=dropout_p, seed=seed_int(seed))
-    lse_out = _lse_empty(q)
-    return _conform(o, _out_empty(q)), _conform(lse, lse_out)
+    return _conform(o, _layout(q)), _conform(lse, _lse_layout(q))
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, seed, scale, left, right, dropout_p):
-    return _out_empty(q), _lse_empty(q)
+    return _empty(_layout(q), q.device), _empty(_lse_layout(q), q.device)
 
 
 @torch.library.custom_op("leedl_fast::attention_bwd", mutates_args=())
@@ -849,12 +866,12 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
     dq, dk, dv = attention_bwd(do, q, k, v, o, lse, scale=scale, left=left, right=right,
                                key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed_int(seed))
-    return _conform(dq, _grad_empty(q)), _conform(dk, _grad_empty(k)), _conform(dv, _grad_empty(v))
+    return _conform(dq, _grad_layout(q)), _conform(dk, _grad_layout(k)), _conform(dv, _grad_layout(v))
 
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, seed, scale, left, right, dropout_p):
-    return _grad_empty(q), _grad_empty(k), _grad_empty(v)
+    return _empty(_grad_layout(q), q.device), _empty(_grad_layout(k), k.device), _empty(_grad_layout(v), v.device)
 
 
 def _setup_context(ctx, inputs, output):

@@ -370,6 +370,37 @@ def test_opcheck(torch_path, layout, kw):
     seed = torch.tensor(77) if p > 0 else None
     torch.library.opcheck(torch.ops.leedl_fast.attention_fwd.default, (q, k, v, kpm, seed, 0.25, kw["left"],
                                                                         kw["right"], p))
+    o, lse = torch.ops.leedl_fast.attention_fwd(q, k, v, kpm, seed, 0.25, kw["left"], kw["right"], p)
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.leedl_fast.attention_bwd.default,
+                          (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, kpm, seed, 0.25, kw["left"],
+                           kw["right"], p))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bnhd", "packed"])
+@pytest.mark.parametrize("nq, nk, left, right, p", [
+    (33, 33, -1, -1, 0.0),        # dense: ATen's results passed on
+    (33, 33, -1, 0, 0.0),         # square causal: one call, passed on
+    (40, 33, -1, 0, 0.0),         # causal with Nq > Nk: leading rows see nothing, written into a buffer
+    (20, 33, -1, 0, 0.0),         # causal with Nq < Nk: two calls merged
+    (33, 33, 2, 3, 0.0),          # band: blocks written into buffers
+    (33, 30, -1, -1, 0.3),        # dropout: the math blocks
+], ids=str)
+def test_result_layouts_are_the_fake_ones(torch_path, layout, nq, nk, left, right, p):
+    """Every torch-path branch returns o and the gradients in the layouts the fake implementations
+    promise (a compiled graph relies on them), whether it passes a kernel's result on or writes a buffer."""
+    q, k, v, do, _ = _inputs(2, 4, 2, nq, nk, 16, layout=layout)
+    seed = torch.tensor(5) if p > 0 else None
+    o, lse = torch.ops.leedl_fast.attention_fwd(q, k, v, None, seed, 0.25, left, right, p)
+    grads = torch.ops.leedl_fast.attention_bwd(do, q, k, v, o, lse, None, seed, 0.25, left, right, p)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fq, fk, fv, fdo = (mode.from_tensor(t) for t in (q, k, v, do))
+        fseed = None if seed is None else mode.from_tensor(seed)
+        fo, flse = torch.ops.leedl_fast.attention_fwd(fq, fk, fv, None, fseed, 0.25, left, right, p)
+        fgrads = torch.ops.leedl_fast.attention_bwd(fdo, fq, fk, fv, fo, flse, None, fseed, 0.25, left, right, p)
+    for name, real, fake in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (fo, flse, *fgrads)):
+        assert real.shape == fake.shape and attn_mod._same_layout(real, fake), (name, real.stride(), fake.stride())
+        assert real.storage_offset() == fake.storage_offset() == 0, name
 
 
 def test_torch_compile_fullgraph(torch_path):
