@@ -290,12 +290,13 @@ def _status(key: str) -> int:
 
 
 def measure_cpu(impl: str, n: int, left: int, right: int, b: int = 1, h: int = 4, d: int = 64,
-                threads: int = 0, repeats: int = 2) -> dict:
+                threads: int = 0, repeats: int = 2, dropout_p: float = 0.0) -> dict:
     """Time (s, the best of ``repeats`` calls) and peak resident memory (bytes above the inputs,
     of the first timed call) of one forward+backward.
 
-    ``impl``: "ours" (the torch path with ``window=(left, right)``) or "sdpa_mask" (SDPA with
-    the equivalent (N, N) boolean mask, built inside the call as a user would).  Run it in a
+    ``impl``: "ours" (the torch path with ``window=(left, right)``), "sdpa_mask" (SDPA with
+    the equivalent (N, N) boolean mask, built inside the call as a user would) or "sdpa" (SDPA
+    without a mask: dense attention only); both sides drop ``dropout_p``.  Run it in a
     fresh process (``python -m leedl_fast.bench.cases.attention mem ...``): the high-water
     mark is process-wide."""
     import os
@@ -307,13 +308,18 @@ def measure_cpu(impl: str, n: int, left: int, right: int, b: int = 1, h: int = 4
     do = torch.randn(b, h, n, d)
 
     def ours():
-        attention(q, k, v, window=(left, right)).backward(do)
+        attention(q, k, v, window=(left, right), dropout_p=dropout_p, seed=1).backward(do)
 
     def sdpa_mask():
         mask = band_mask(n, left, right, "cpu")
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(do)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p).backward(do)
 
-    fn = {"ours": ours, "sdpa_mask": sdpa_mask}[impl]
+    def sdpa():
+        if (left, right) != (-1, -1):
+            raise ValueError(f"impl 'sdpa' runs dense attention only, got window {(left, right)}")
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p).backward(do)
+
+    fn = {"ours": ours, "sdpa_mask": sdpa_mask, "sdpa": sdpa}[impl]
     fn()
     q.grad = k.grad = v.grad = None
     gc.collect()
@@ -330,17 +336,18 @@ def measure_cpu(impl: str, n: int, left: int, right: int, b: int = 1, h: int = 4
         fn()
         elapsed = min(elapsed, time.perf_counter() - t0)
     results = 4 * b * h * n * d * 4           # o, dq, dk, dv in fp32: what any implementation returns
-    return {"impl": impl, "n": n, "window": [left, right], "time_s": elapsed, "peak_bytes": peak,
-            "result_bytes": results, "threads": torch.get_num_threads()}
+    return {"impl": impl, "n": n, "window": [left, right], "dropout_p": dropout_p, "time_s": elapsed,
+            "peak_bytes": peak, "result_bytes": results, "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":
-    # python -m leedl_fast.bench.cases.attention mem <ours|sdpa_mask> N LEFT RIGHT [THREADS [REPEATS]]
+    # python -m leedl_fast.bench.cases.attention mem <ours|sdpa_mask|sdpa> N LEFT RIGHT [THREADS [REPEATS [DROPOUT]]]
     if len(sys.argv) >= 6 and sys.argv[1] == "mem":
         args = sys.argv[2:]
         print(json.dumps(measure_cpu(args[0], int(args[1]), int(args[2]), int(args[3]),
                                      threads=int(args[4]) if len(args) > 4 else 0,
-                                     repeats=int(args[5]) if len(args) > 5 else 2)))
+                                     repeats=int(args[5]) if len(args) > 5 else 2,
+                                     dropout_p=float(args[6]) if len(args) > 6 else 0.0)))
     else:
         print(__doc__)
         sys.exit(2)
