@@ -65,8 +65,9 @@ scheme, which never keeps the N x N probabilities.  ``lse`` is float32 (float64
 for float64 inputs) and contiguous.  ``o`` and the gradients have fixed layouts,
 because a compiled graph relies on the fake strides (``_layout``, ``_grad_layout``):
 on CPU o has q's own strides when q is dense, else (B, N, H, D) order, and the
-gradients (B, N, H, D) order, which is what ATen's CPU kernels write (so no copy);
-on CUDA contiguous (what the Triton launchers write).  Either path copies only
+gradients without dropout (B, N, H, D) order, which is what ATen's CPU kernels
+write (so no copy), with dropout their input's; on CUDA contiguous (what the
+Triton launchers write).  Either path copies only
 when its result differs, and allocates a buffer only where it writes into one, so
 the dense CPU path's peak memory is SDPA's (measured in ``bench/``).  The seed
 travels as a 0-d int64 tensor so that a compiled graph can draw it.
@@ -271,15 +272,16 @@ def _layout(t: torch.Tensor) -> torch.Tensor:
     return like if _same_layout(like, t) else _bnhd_empty(t.shape, t.dtype, "meta")
 
 
-def _grad_layout(t: torch.Tensor) -> torch.Tensor:
-    """The layout of the gradient of ``t`` (q, k or v), as ``_layout``.  On CPU (B, N, H, D) order
-    whatever t's: what ATen's CPU attention backward writes (torch 2.13), so the dense path passes its
-    gradients on as they are and, for a leaf of another layout, autograd re-lays them out after this
-    node's saved tensors are freed, as it does for SDPA's (a copy here would add one gradient's size
-    to the peak).  Elsewhere contiguous, what the Triton launchers write."""
-    if t.device.type != "cpu":
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-    return _bnhd_empty(t.shape, t.dtype, "meta")
+def _grad_layout(t: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The layout of the gradient of ``t`` (q, k or v), as ``_layout``.  On CPU without dropout
+    (ATen's fused kernels) (B, N, H, D) order whatever t's: what ATen's CPU attention backward writes
+    (torch 2.13), so the dense path passes its gradients on as they are and, for a leaf of another
+    layout, autograd re-lays them out after this node's saved tensors are freed, as it does for SDPA's
+    (a copy here would add one gradient's size to the peak).  Otherwise (the math blocks, which write
+    their own buffers, and the Triton launchers) ``_layout(t)``: no re-layout for any leaf."""
+    if t.device.type == "cpu" and dropout_p == 0:
+        return _bnhd_empty(t.shape, t.dtype, "meta")
+    return _layout(t)
 
 
 def _lse_layout(q: torch.Tensor) -> torch.Tensor:
@@ -822,7 +824,7 @@ def _attention_fwd_torch(q, k, v, kpm, scale, left, right, p, seed):
 
 
 def _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, p, seed):
-    layouts = _grad_layout(q), _grad_layout(k), _grad_layout(v)
+    layouts = _grad_layout(q, p), _grad_layout(k, p), _grad_layout(v, p)
     left, right = _effective_band(q.shape[2], k.shape[2], left, right)
     if p > 0 or q.device.type != "cpu":
         return _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed,
@@ -866,12 +868,13 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
     dq, dk, dv = attention_bwd(do, q, k, v, o, lse, scale=scale, left=left, right=right,
                                key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed_int(seed))
-    return _conform(dq, _grad_layout(q)), _conform(dk, _grad_layout(k)), _conform(dv, _grad_layout(v))
+    return (_conform(dq, _grad_layout(q, dropout_p)), _conform(dk, _grad_layout(k, dropout_p)),
+            _conform(dv, _grad_layout(v, dropout_p)))
 
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, seed, scale, left, right, dropout_p):
-    return _empty(_grad_layout(q), q.device), _empty(_grad_layout(k), k.device), _empty(_grad_layout(v), v.device)
+    return tuple(_empty(_grad_layout(t, dropout_p), t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
