@@ -22,9 +22,10 @@ The reference port (``philox_randint4x``) does all arithmetic in int64 tensors
 holding 32-bit values, so it runs on any device torch supports and never relies
 on signed-overflow behaviour.  The streams the ops use (``dropout_keep``,
 ``normal_rows``) run the rounds in numpy uint64 arrays on the CPU, whose
-multiply wraps modulo 2**64 by definition (one instruction per 32 x 32 product,
-where torch's int64 multiply is emulated with three on AVX2): about half the
-time of the int64 tensor rounds, which still serve other devices.
+multiply gives a 32 x 32 product directly (wrapping modulo 2**64 is defined for
+unsigned arrays, and never happens here): about half the time of the int64
+tensor rounds on the 2-core development machine, which still serve other
+devices and torch.compile traces.
 """
 from __future__ import annotations
 

@@ -64,12 +64,12 @@ paths, from the saved (q, k, v, o, lse): FlashAttention-2's recomputation
 scheme, which never keeps the N x N probabilities.  ``lse`` is float32 (float64
 for float64 inputs) and contiguous.  ``o`` and the gradients have fixed layouts,
 because a compiled graph relies on the fake strides (``_layout``, ``_grad_layout``):
-on CPU o has q's own strides when q is dense, else (B, N, H, D) order, and the
-gradients without dropout (B, N, H, D) order, which is what ATen's CPU kernels
-write (so no copy), with dropout their input's; on CUDA contiguous (what the
-Triton launchers write).  Either path copies only
-when its result differs, and allocates a buffer only where it writes into one, so
-the dense CPU path's peak memory is SDPA's (measured in ``bench/``).  The seed
+on CPU o has q's own strides when q is dense, else (B, N, H, D) order; the
+gradients have (B, N, H, D) order without dropout (what ATen's CPU kernels
+write, so no copy) and their input's with dropout; on CUDA everything is
+contiguous (what the Triton launchers write).  Either path copies only when its
+result differs and allocates a buffer only where it writes into one, so the
+dense CPU path's peak memory is SDPA's (measured in ``bench/``).  The seed
 travels as a 0-d int64 tensor so that a compiled graph can draw it.
 
 The torch path (CPU fallback)
