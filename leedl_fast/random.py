@@ -255,17 +255,30 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     return dropout_keep(seed, rows, n_cols, p).reshape(shape)
 
 
+def _uniform_np(w: np.ndarray) -> np.ndarray:
+    """``_uint_to_uniform`` in numpy, for words in [0, 2**32) of any integer dtype: the word read as
+    int32 x, folded to x ^ (x >> 31) (which is -x - 1 for negative x), times the float32 scale."""
+    x = w.astype(np.uint32).view(np.int32)
+    return (x ^ (x >> 31)).astype(np.float32) * np.float32(_UNIFORM_SCALE)
+
+
+def _box_muller_np(wa: np.ndarray, wb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_box_muller`` in numpy float32: log, sqrt, cos and sin are the functions Triton's interpreter
+    evaluates, so the result equals an interpreted kernel's bit for bit."""
+    u1 = np.maximum(_uniform_np(wa), np.float32(1.0e-7))
+    th = _uniform_np(wb) * np.float32(_TWO_PI)
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return r * np.cos(th), r * np.sin(th)
+
+
 def _box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton's Box-Muller on two words, both branches (``tl.randn4x``'s pair; ``tl.randn`` is the first):
-    (r cos th, r sin th), float32.  On the CPU
-    (outside torch.compile) log, sqrt, cos and sin are numpy's float32 functions, the ones Triton's
-    interpreter evaluates, so the result equals an interpreted kernel's bit for bit."""
+    (r cos th, r sin th), float32.  On the CPU (outside torch.compile) all in numpy (``_box_muller_np``);
+    elsewhere torch's functions, which may round the last bit differently."""
+    if wa.device.type == "cpu" and not torch.compiler.is_compiling():
+        return tuple(torch.from_numpy(x) for x in _box_muller_np(wa.numpy(), wb.numpy()))
     u1 = torch.clamp_min(_uint_to_uniform(wa), 1.0e-7)
     th = _uint_to_uniform(wb) * torch.tensor(_TWO_PI, dtype=torch.float32, device=wb.device)
-    if u1.device.type == "cpu" and not torch.compiler.is_compiling():
-        r = np.sqrt(np.float32(-2.0) * np.log(u1.numpy()))
-        thn = th.numpy()
-        return torch.from_numpy(r * np.cos(thn)), torch.from_numpy(r * np.sin(thn))
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th), r * torch.sin(th)
 
@@ -284,14 +297,12 @@ def normal_rows(seed: int, rows: torch.Tensor, n_cols: int) -> torch.Tensor:
     ctr = (rows.reshape(-1, 1) * n_groups + torch.arange(n_groups, device=rows.device)).reshape(-1)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     if _numpy_rounds(ctr):
-        words = _philox_words_np(k0, k1, ctr.numpy().view(np.uint64))
-        c0, c1, c2, c3 = (torch.from_numpy(w.view(np.int64)) for w in words)
+        w0, w1, w2, w3 = _philox_words_np(k0, k1, ctr.numpy().view(np.uint64))
+        out = torch.from_numpy(np.stack([*_box_muller_np(w0, w1), *_box_muller_np(w2, w3)], axis=-1))
     else:
         c0, c1, c2, c3 = _philox_words_fast(k0, k1, ctr)
-    n0, n1 = _box_muller(c0, c1)
-    n2, n3 = _box_muller(c2, c3)
-    out = torch.stack([n0, n1, n2, n3], -1).view(*rows.shape, 4 * n_groups)
-    return out[..., :n_cols]
+        out = torch.stack([*_box_muller(c0, c1), *_box_muller(c2, c3)], -1)
+    return out.view(*rows.shape, 4 * n_groups)[..., :n_cols]
 
 
 def normal_noise(seed: int, shape, device=None) -> torch.Tensor:

@@ -233,3 +233,16 @@ def test_normal_rows_statistics():
     # the radius pairs: |n0|^2 + |n1|^2 is exponential with mean 2 (chi-square, 2 dof)
     r2 = slots[0] ** 2 + slots[1] ** 2
     assert abs(r2.mean().item() - 2.0) < 5 * 2 / slots.shape[1] ** 0.5
+
+
+def test_torch_box_muller_agrees_with_numpy(monkeypatch):
+    """Off the CPU (and in a torch.compile trace) the noise's rounds and Box-Muller run in torch ops, whose
+    float32 log / cos / sin may round the last bit differently from numpy's: agreement to 1e-6."""
+    from leedl_fast.random import normal_rows
+
+    rows = torch.tensor([0, 3, 2**30 + 7])
+    ref = normal_rows(2**35 + 9, rows, 4099)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = normal_rows(2**35 + 9, rows, 4099)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got[:, ::2], got[:, 1::2])          # both branches drawn, not one repeated
