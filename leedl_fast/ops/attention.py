@@ -298,6 +298,17 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
+def _accumulator(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A zeroed buffer of ``t``'s shape in ``acc`` to sum key-gradient blocks into: ``t`` itself when
+    it has that dtype (the caller copies into ``t`` otherwise)."""
+    return t.zero_() if t.dtype == acc else torch.zeros(t.shape, dtype=acc, device=t.device)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x with its infinities (the max or log-sum-exp of a row that sees no key) replaced by 0."""
+    return torch.where(torch.isinf(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 def _conform(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     """``t``'s values in ``layout`` (see ``_layout``): ``t`` itself when it has it, else a copy."""
     if _same_layout(t, layout) and t.storage_offset() == 0:
@@ -546,7 +557,7 @@ def _fwd_right_bounded(q, k, v, kpm, scale, right, o_layout, lse):
         la = la.masked_fill(_prefix_empty(kpm, 0, s, nq, False), float("-inf"))
         lb = lb.masked_fill(_prefix_empty(kpm, s, nk, nq, True), float("-inf"))
     torch.logaddexp(la, lb, out=lse)
-    ref = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)       # rows with no key: o = 0
+    ref = _finite(lse)                                                                 # rows with no key: o = 0
     wa, wb = torch.exp(la - ref)[..., None], torch.exp(lb - ref)[..., None]
     if o.dtype == lse.dtype:
         torch.mul(oa, wa, out=o)
@@ -639,7 +650,7 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq_layout, dk_l
     # Empty rows carry lse = -inf; the kernel wants a finite value there (their scores are all
     # -inf, so any finite lse gives P = 0 and zero gradients).
     if left >= 0 or right >= 0 or kpm is not None:
-        lse = torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype), lse)
+        lse = _finite(lse)
     if left < 0 and right < 0:
         gq, gk, gv = _flash_bwd(do, q, k, v, o, lse, False, _pad_additive(kpm, 0, nk, q.dtype), scale)
         return _conform(gq, dq_layout), _conform(gk, dk_layout), _conform(gv, dv_layout)
@@ -649,8 +660,7 @@ def _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, dq_layout, dk_l
 
     # Key gradients sum over overlapping blocks: accumulate in float32 (float64 for float64).
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dk_acc = dk.zero_() if dk.dtype == acc else torch.zeros(dk.shape, dtype=acc, device=q.device)
-    dv_acc = dv.zero_() if dv.dtype == acc else torch.zeros(dv.shape, dtype=acc, device=q.device)
+    dk_acc, dv_acc = _accumulator(dk, acc), _accumulator(dv, acc)
     bm, ranges, interior = _loop_ranges(nq, nk, left, right)
     for r0, r1 in ranges:
         for i0 in range(r0, r1, bm):
@@ -732,11 +742,6 @@ def _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc):
     return s, qs, kb
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """x with its infinities (the max or log-sum-exp of a row that sees no key) replaced by 0."""
-    return torch.where(torch.isinf(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
-
-
 def _keep_bytes(*args) -> torch.Tensor:
     """``_dropout_keep`` as 0/1 uint8: a float tensor multiplies by uint8 several times faster than by
     bool (which torch converts through a slow path) or than ``masked_fill_`` runs."""
@@ -778,8 +783,7 @@ def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
     g = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     c = dropout_scale(p) if p > 0 else 1.0
-    dk_acc = torch.zeros(dk.shape, dtype=acc, device=q.device)
-    dv_acc = torch.zeros(dv.shape, dtype=acc, device=q.device)
+    dk_acc, dv_acc = _accumulator(dk, acc), _accumulator(dv, acc)
     for i0, i1, lo, hi in _math_blocks(nq, nk, left, right, b, hq):
         rows = i1 - i0
         if hi == lo:
@@ -802,8 +806,9 @@ def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
         if keep is not None:
             prob.mul_(keep)
         dv_acc[:, :, lo:hi].add_((prob.transpose(-1, -2) @ dob).sum(2), alpha=c)
-    dk.copy_(dk_acc)
-    dv.copy_(dv_acc)
+    if dk_acc is not dk:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
     return dq, dk, dv
 
 
