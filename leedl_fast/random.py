@@ -297,12 +297,21 @@ def normal_rows(seed: int, rows: torch.Tensor, n_cols: int) -> torch.Tensor:
     ctr = (rows.reshape(-1, 1) * n_groups + torch.arange(n_groups, device=rows.device)).reshape(-1)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     if _numpy_rounds(ctr):
-        w0, w1, w2, w3 = _philox_words_np(k0, k1, ctr.numpy().view(np.uint64))
-        out = torch.from_numpy(np.stack([*_box_muller_np(w0, w1), *_box_muller_np(w2, w3)], axis=-1))
+        out = torch.from_numpy(_normals_np(k0, k1, ctr.numpy().view(np.uint64)))
     else:
         c0, c1, c2, c3 = _philox_words_fast(k0, k1, ctr)
         out = torch.stack([*_box_muller(c0, c1), *_box_muller(c2, c3)], -1)
     return out.view(*rows.shape, 4 * n_groups)[..., :n_cols]
+
+
+def _normals_np(k0: int, k1: int, ctr: np.ndarray) -> np.ndarray:
+    """``normal_rows``' four normals per counter, float32 (len(ctr), 4), from the numpy rounds and
+    Box-Muller, ``_CHUNK`` counters a pass (as ``_keep_np``)."""
+    out = np.empty((ctr.size, 4), dtype=np.float32)
+    for s in range(0, ctr.size, _CHUNK):
+        w0, w1, w2, w3 = _philox_words_np(k0, k1, ctr[s:s + _CHUNK])
+        out[s:s + _CHUNK] = np.stack([*_box_muller_np(w0, w1), *_box_muller_np(w2, w3)], axis=-1)
+    return out
 
 
 def normal_noise(seed: int, shape, device=None) -> torch.Tensor:
