@@ -742,10 +742,15 @@ def _math_scores(q, k, kpm, scale, left, right, i0, i1, lo, hi, acc):
     return s, qs, kb
 
 
-def _keep_bytes(*args) -> torch.Tensor:
-    """``_dropout_keep`` as 0/1 uint8: a float tensor multiplies by uint8 several times faster than by
-    bool (which torch converts through a slow path) or than ``masked_fill_`` runs."""
-    return _dropout_keep(*args).view(torch.uint8)
+def _keep_factors(seed: int, q: torch.Tensor, nk: int, i0: int, i1: int, lo: int, hi: int, p: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``_dropout_keep`` as contiguous 0/1 numbers of ``dtype``, (B, Hq, rows, keys).  The mask's key
+    slice is a strided view whenever ``lo`` or ``hi`` is not a multiple of 8 (decisions come eight to
+    a Philox call): a float block multiplies by such a bool or uint8 view through a slow converting
+    path (ten times a contiguous float multiply at N = 100), and copying the view's bytes into a float
+    block is the fastest of the conversions torch offers (bool to float is several times slower)."""
+    keep = _dropout_keep(seed, q, nk, i0, i1, lo, hi, p)
+    return torch.empty(keep.shape, dtype=dtype, device=keep.device).copy_(keep.view(torch.uint8))
 
 
 def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
@@ -766,7 +771,7 @@ def _fwd_math(q, k, v, kpm, scale, left, right, p, seed, o, lse):
         den = e.sum(-1, keepdim=True)                                                     # 0 for a row that sees nothing
         lse[:, :, i0:i1] = (m + torch.log(den)).reshape(b, hq, i1 - i0)
         if p > 0:
-            e.mul_(_keep_bytes(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, i1 - i0, hi - lo))
+            e.mul_(_keep_factors(seed, q, nk, i0, i1, lo, hi, p, acc).view(b, hkv, g, i1 - i0, hi - lo))
         den.masked_fill_(den == 0, 1.0).reciprocal_().mul_(dropout_scale(p) if p > 0 else 1.0)
         vb = v[:, :, lo:hi].to(acc)[:, :, None]                                           # [B, Hkv, 1, keys, D]
         o[:, :, i0:i1] = ((e @ vb) * den).reshape(b, hq, i1 - i0, d)
@@ -798,7 +803,7 @@ def _bwd_math(do, q, k, v, o, lse, kpm, scale, left, right, p, seed, dq, dk, dv)
         ds = dob @ vb.transpose(-1, -2)                                                   # dO V^T
         keep = None
         if p > 0:
-            keep = _keep_bytes(seed, q, nk, i0, i1, lo, hi, p).view(b, hkv, g, rows, hi - lo)
+            keep = _keep_factors(seed, q, nk, i0, i1, lo, hi, p, acc).view(b, hkv, g, rows, hi - lo)
             ds.mul_(keep)
         ds.sub_(delta / c).mul_(prob)                                                     # dS / c
         dq[:, :, i0:i1] = ((ds @ kb) * (c * scale)).reshape(b, hq, rows, d)
