@@ -39,7 +39,14 @@ Triton backend it is the kernel's Philox stream, which the weights path
 reproduces, so the two paths compute the same function for the same seed, equal
 to torch's in distribution.  With
 ``add_bias_kv`` / ``add_zero_attn`` the extra keys are appended after the
-sequence and are visible to every query, as in torch.
+sequence and are visible to every query, as in torch, with one exception on
+torch's side: with ``is_causal=True``, ``need_weights=False`` and no key
+padding mask torch calls SDPA's top-left causal mask over the keys and the
+extra ones together, which hides the extra keys from the first rows (its
+``need_weights=True`` path shows them); here they stay visible on every path.
+``is_causal`` is a hint about ``attn_mask``, trusted (as torch trusts it) when
+the mask is square; a non-square mask is read, and both causal alignments
+(bottom-right, the op's, and top-left, SDPA's) take the fused op.
 """
 from __future__ import annotations
 
@@ -102,6 +109,12 @@ def torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: boo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=causal)
 
 
+def _top_left_causal(n_q: int, n_k: int, device) -> torch.Tensor:
+    """(L, S) bool, True where j > i: SDPA's ``is_causal`` mask (top-left aligned), which torch.nn's
+    module computes for ``is_causal=True`` when it goes to SDPA."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).triu_(1)
+
+
 def _causal_pattern(n_q: int, n_k: int, device) -> torch.Tensor:
     """(L, S) bool, True above the bottom-right aligned diagonal: the keys causal attention hides."""
     i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
@@ -121,10 +134,10 @@ class MultiheadAttention(nn.Module):
         query (L, B, E) or (B, L, E) with ``batch_first`` or unbatched (L, E); key (S, B, kdim),
         value (S, B, vdim) likewise.  key_padding_mask (B, S) (unbatched: (S,)), bool (True =
         ignore) or float (added).  attn_mask (L, S) or (B * num_heads, L, S), bool (True = not
-        allowed) or float (added).  is_causal: attn_mask is the causal mask (a hint, as in torch;
-        here attn_mask may also be None).  Returns output shaped like query (with E = embed_dim),
-        and weights (B, L, S) averaged over heads or (B, num_heads, L, S), or None when
-        ``need_weights=False``.
+        allowed) or float (added).  is_causal: attn_mask is the causal mask (a hint, as in torch,
+        trusted for a square mask; here attn_mask may also be None: bottom-right causal).  Returns
+        output shaped like query (with E = embed_dim), and weights (B, L, S) averaged over heads
+        or (B, num_heads, L, S), or None when ``need_weights=False``.
 
     Cost: ``need_weights=True`` forms the (B, H, L, S) weights (O(B*H*L*S) memory, as torch does);
     pass ``need_weights=False`` for the fused path.  See the module docstring for the paths.
@@ -272,13 +285,16 @@ class MultiheadAttention(nn.Module):
         if not need_weights:
             plan = self._fused_plan(key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, d)
             if plan is not None:
-                causal, kpm = plan
+                causal, window, kpm, n_seen = plan
+                if n_seen < n_k:                     # keys no query sees (a top-left causal mask, L < S)
+                    k, v = k[:, :, :n_seen], v[:, :, :n_seen]
+                    kpm = None if kpm is None else kpm[:, :n_seen]
                 if kpm is not None and n_extra:
                     kpm = torch.cat([kpm, kpm.new_zeros(bsz, n_extra)], dim=1)
-                if torch_sdpa_computes(q, causal=causal, window=self.window, key_padding_mask=kpm, n_k=k.shape[2]):
+                if torch_sdpa_computes(q, causal=causal, window=window, key_padding_mask=kpm, n_k=k.shape[2]):
                     out = torch_sdpa(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=float(dropout_p))
                 else:
-                    out = attention(q, k, v, causal=causal, window=self.window, key_padding_mask=kpm,
+                    out = attention(q, k, v, causal=causal, window=window, key_padding_mask=kpm,
                                     dropout_p=float(dropout_p))
         if out is None:
             out, weights = self._dense(q, k, v, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra,
@@ -296,7 +312,15 @@ class MultiheadAttention(nn.Module):
         return out, (weights if need_weights else None)
 
     def _fused_plan(self, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, d):
-        """(causal, bool key padding mask or None) for the fused op, or None for the dense path."""
+        """(causal, window, bool key padding mask or None, keys seen) for the fused op, or None for the
+        dense path.
+
+        ``is_causal`` is trusted, as torch.nn trusts it, when the mask is square or absent; a non-square
+        ``attn_mask`` is read instead, since torch's module computes it on one path and SDPA's top-left
+        causal mask on the other.  Two causal patterns reach the op without a mask tensor: the op's
+        bottom-right one (``j <= i + S - L``) as its causal flag, and SDPA's top-left one (``j <= i``)
+        as the band ``(-1, L - S)`` when L > S, or as square causal attention over the first L keys
+        (the others are seen by no query) when L < S."""
         if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
             _warn_once("head_dim", f"leedl_fast.nn.MultiheadAttention: head dim {d} is outside the fused op's "
                        f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}; using the dense PyTorch path")
@@ -308,24 +332,31 @@ class MultiheadAttention(nn.Module):
                 _warn_once("kpm", "leedl_fast.nn.MultiheadAttention: a float key_padding_mask with values "
                            "other than 0/-inf takes the dense PyTorch path")
                 return None
-        causal = False
-        if is_causal:
-            causal = True                      # a hint, as in torch: attn_mask (if any) is the causal mask
-        elif attn_mask is not None:
+        causal, window, n_seen = False, self.window, n_k
+        if attn_mask is None or (is_causal and n_q == n_k):
+            causal = bool(is_causal)
+        else:
             masked = _bool_or_none(attn_mask)
             if masked is not None and not bool(masked.any()):
-                causal = False
+                pass
             elif masked is not None and bool((masked == _causal_pattern(n_q, n_k, masked.device)).all()):
                 causal = True
+            elif masked is not None and bool((masked == _top_left_causal(n_q, n_k, masked.device)).all()) and (
+                    n_q > n_k or window is None):
+                if n_q > n_k:
+                    left, right = window if window is not None else (-1, -1)
+                    window = (left, n_q - n_k if right < 0 else min(right, n_q - n_k))
+                else:
+                    causal, n_seen = True, n_q
             else:
                 _warn_once("attn_mask", "leedl_fast.nn.MultiheadAttention: an attn_mask that is neither "
                            "causal nor empty takes the dense PyTorch path (O(L*S) memory)")
                 return None
-        if n_extra and (causal or self.window is not None):
+        if n_extra and (causal or window is not None):
             _warn_once("extra", "leedl_fast.nn.MultiheadAttention: add_bias_kv/add_zero_attn with a causal "
                        "mask or a window take the dense PyTorch path")
             return None
-        return causal, kpm
+        return causal, window, kpm, n_seen
 
     def _dense(self, q, k, v, key_padding_mask, attn_mask, is_causal, n_q, n_k, n_extra, dropout_p, need_weights):
         """Dense attention with the (B, H, L, S') weights; returns (out [B, H, L, d], weights).

@@ -147,6 +147,35 @@ def test_causal_mask_forms_map_to_causal_flag(kw, form, pad, need_weights, fused
         assert not fused_calls
 
 
+@pytest.mark.parametrize("L, S, aligned", [(13, 6, "top-left"), (5, 12, "top-left"), (5, 12, "bottom-right")])
+@pytest.mark.parametrize("hint", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("pad", [False, True])
+def test_non_square_causal_masks_are_read_not_hinted(L, S, aligned, hint, need_weights, pad, fused_calls):
+    """Cross-attention (L != S) with a causal-looking mask.  torch.nn computes the given mask, except that
+    with ``is_causal=True``, ``need_weights=False`` and no padding it calls SDPA's top-left causal mask, so
+    the hint agrees with the mask only for the top-left one: for it, every path equals torch's; for the
+    bottom-right one, the paths where torch reads the mask do.  Both patterns reach the fused op without a
+    mask tensor (a band for L > S, the first L keys for L < S).  (Bottom-right with L > S hides every key
+    from the first L - S rows: NaN in torch, zeros here, tested with the other empty rows.)"""
+    if aligned == "bottom-right" and hint and not need_weights and not pad:
+        pytest.skip("torch computes SDPA's top-left mask here, not the bottom-right mask it was given")
+    ref, ours = _pair()
+    B = 3
+    q, k, v = _data(L, S, B, {})
+    mask = torch.ones(L, S, dtype=torch.bool).triu(1) if aligned == "top-left" else _causal(L, S)
+    kpm = None
+    if pad:
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[1, -2:] = True
+    _compare(ref, ours, q, k, v, attn_mask=mask, is_causal=hint, key_padding_mask=kpm, need_weights=need_weights)
+    assert len(fused_calls) == (0 if need_weights else 1)
+    if fused_calls and aligned == "top-left" and L > S:
+        assert fused_calls[0]["window"] == (-1, L - S) and not fused_calls[0]["causal"]
+    elif fused_calls:
+        assert fused_calls[0]["causal"] and fused_calls[0]["window"] is None
+
+
 @pytest.mark.parametrize("form", ["bool", "float"])
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_key_padding_mask_forms(form, need_weights, fused_calls):
