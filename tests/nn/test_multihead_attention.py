@@ -3,8 +3,12 @@
 Same state_dict both ways, float64: outputs, returned weights and every parameter and input
 gradient, for every constructor option and mask form torch accepts.
 """
+import warnings
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import leedl_fast.nn.multihead_attention as mha_mod
@@ -460,3 +464,71 @@ def test_triton_path_module(triton_path):
     o, _ = ours(x.to(triton_path), x.to(triton_path), x.to(triton_path), key_padding_mask=kpm.to(triton_path),
                 is_causal=True, attn_mask=_causal(12, 12).to(triton_path), need_weights=False)
     assert_close(o, o_ref, dtype=torch.float32, tf32=True)
+
+
+# ----------------------------------------------------------------------------- random configurations
+
+_MASK_FORMS = ["none", "kpm-bool", "kpm-float", "causal-bool", "causal-float", "causal-hint", "top-left",
+               "top-left-hint", "arbitrary-bool", "arbitrary-float", "3d-bool", "kpm+causal"]
+
+
+@st.composite
+def _configurations(draw, form, need_weights):
+    """A module and its inputs for a mask form, drawn over everything else the parity depends on."""
+    heads = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([16, 24, 8]))          # 8: below the op's range, the dense path
+    e = heads * head_dim
+    kw = {"bias": draw(st.booleans()), "add_bias_kv": draw(st.booleans()), "add_zero_attn": draw(st.booleans()),
+          "batch_first": draw(st.booleans()),
+          "kdim": draw(st.sampled_from([None, e + 3])), "vdim": draw(st.sampled_from([None, e - 1]))}
+    if form.endswith("hint") and not need_weights:
+        kw["add_bias_kv"] = kw["add_zero_attn"] = False   # torch's SDPA path hides extra keys there (docstring)
+    b, n_q = draw(st.integers(1, 3)), draw(st.integers(1, 24))
+    self_attn = kw["kdim"] is None and kw["vdim"] is None and draw(st.booleans())
+    square = self_attn or form.startswith("causal") or form == "kpm+causal"   # bottom-right: every row sees a key
+    n_k = n_q if square else draw(st.integers(1, 24))
+    return heads, e, kw, b, n_q, n_k, self_attn, form, need_weights, draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@pytest.mark.parametrize("form", _MASK_FORMS)
+@pytest.mark.parametrize("need_weights", [False, True])
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_random_configurations_match_torch(form, need_weights, data):
+    """torch.nn.MultiheadAttention and ours with one state_dict, over random constructor options, lengths
+    and mask forms: outputs, weights and every gradient.  Every row sees a key (torch gives NaN where none
+    does; those rows are compared in the tests of empty rows)."""
+    heads, e, kw, b, n_q, n_k, self_attn, form, need_weights, average, seed = data.draw(
+        _configurations(form, need_weights))
+    ref = nn.MultiheadAttention(e, heads, dtype=F64, **kw)
+    ours = MultiheadAttention(e, heads, dtype=F64, **kw)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def t(n, dim):
+        return torch.randn((b, n, dim) if kw["batch_first"] else (n, b, dim), dtype=F64, generator=g).requires_grad_()
+
+    q = t(n_q, e)
+    k, v = (q, q) if self_attn else (t(n_k, kw["kdim"] or e), t(n_k, kw["vdim"] or e))
+    fw = {"need_weights": need_weights, "average_attn_weights": average}
+    some = torch.rand(n_q, n_k, generator=g) < 0.3
+    some[:, 0] = False
+    if form.startswith("kpm"):
+        pad = torch.rand(b, n_k, generator=g) < 0.3
+        pad[:, 0] = False
+        fw["key_padding_mask"] = _float(pad) if form == "kpm-float" else pad
+    if form.startswith("causal") or form == "kpm+causal":
+        fw["attn_mask"] = _float(_causal(n_q, n_k)) if form == "causal-float" else _causal(n_q, n_k)
+        fw["is_causal"] = form == "causal-hint"
+    elif form.startswith("top-left"):
+        fw["attn_mask"] = torch.ones(n_q, n_k, dtype=torch.bool).triu(1)
+        fw["is_causal"] = form.endswith("hint")
+    elif form == "arbitrary-bool":
+        fw["attn_mask"] = some
+    elif form == "arbitrary-float":
+        fw["attn_mask"] = torch.randn(n_q, n_k, dtype=F64, generator=g)
+    elif form == "3d-bool":
+        fw["attn_mask"] = some.expand(b * heads, n_q, n_k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # the dense-path notices
+        _compare(ref, ours, q, k, v, **fw)
