@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from leedl_fast.ops import (attention, attention_reference, banded_attention, normalize_window,
                             window_from_flash_attn, window_from_flex_sliding, window_from_num_keys)
@@ -106,6 +108,47 @@ def test_windows_torch(torch_path, window, n):
     q, k, v, do, kpm = _inputs(2, 4, 2, nq, nk, 16, pad="random")
     _check(torch_path, q, k, v, do, torch.float32, window=window, key_padding_mask=kpm)
     _check(torch_path, q, k, v, do, torch.float32, window=window, causal=True)
+
+
+@st.composite
+def _problems(draw, max_len):
+    """Every option of the op at once: GQA, lengths (Nq != Nk), head dim, causal, a band (either side
+    unbounded or wider than the sequence), key padding, dropout, scale and the inputs' layout."""
+    hkv, groups = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    shape = (draw(st.integers(1, 2)), hkv * groups, hkv, draw(st.integers(1, max_len)),
+             draw(st.integers(1, max_len)), draw(st.sampled_from([16, 24, 40, 64])))
+    side = st.one_of(st.just(-1), st.integers(0, max_len + 8))
+    kw = {"causal": draw(st.booleans()), "window": draw(st.one_of(st.none(), st.tuples(side, side))),
+          "scale": draw(st.sampled_from([None, 0.3])), "dropout_p": draw(st.sampled_from([0.0, 0.0, 0.2]))}
+    if kw["scale"] is None:
+        del kw["scale"]
+    if kw["dropout_p"]:
+        kw["seed"] = draw(st.integers(0, 2**40))
+    layout = draw(st.sampled_from(["contiguous", "bnhd", "packed"]))
+    return shape, draw(st.sampled_from([None, "random"])), layout, draw(st.integers(0, 2**16)), kw
+
+
+def _check_problem(device, problem):
+    shape, pad, layout, seed, kw = problem
+    q, k, v, do, kpm = _inputs(*shape, layout=layout, pad=pad, seed=seed)
+    _check(device, q, k, v, do, torch.float32, key_padding_mask=kpm, **kw)
+
+
+_RANDOM = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=40, **_RANDOM)
+@given(problem=_problems(max_len=90))
+def test_random_problems_torch(torch_path, problem):
+    """Random problems over all options together against the float64 reference: output and gradients."""
+    _check_problem(torch_path, problem)
+
+
+@settings(max_examples=12, **_RANDOM)
+@given(problem=_problems(max_len=40))
+def test_random_problems_triton(triton_path, problem):
+    """The same on the Triton path (the kernel under the interpreter here), on shorter sequences."""
+    _check_problem(triton_path, problem)
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "packed"])
