@@ -907,6 +907,28 @@ def _backward(ctx, do, _dlse):
 torch.library.register_autograd("leedl_fast::attention_fwd", _backward, setup_context=_setup_context)
 
 
+class _EagerTorchAttention(torch.autograd.Function):
+    """The custom ops' PyTorch implementations and autograd formula, called without torch.library's
+    dispatch: in eager mode on the PyTorch path that dispatch costs about 0.1 ms a call on the
+    2-core development machine, as much as the whole op at the sizes of a decoding step.  The
+    elementwise ops skip it the same way; torch.compile traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, seed, scale, left, right, dropout_p):
+        o, lse = _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, kpm)
+        ctx.args = (seed, scale, left, right, dropout_p)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, kpm = ctx.saved_tensors
+        seed, scale, left, right, dropout_p = ctx.args
+        dq, dk, dv = _attention_bwd_torch(do.to(o.dtype), q, k, v, o, lse, kpm, scale, left, right, dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- public API
 
 def _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, seed):
@@ -975,6 +997,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dropout_p = float(dropout_p)
     seed_t = dropout_seed(seed, dropout_p)
     kpm = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    if not torch.compiler.is_compiling() and not _use_triton(q):
+        seed_i = seed_int(seed_t)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _EagerTorchAttention.apply(q, k, v, kpm, seed_i, scale, left, right, dropout_p)
+        return _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed_i)[0]
     o, _ = _attention_fwd_op(q, k, v, kpm, seed_t, scale, left, right, dropout_p)
     return o
 
