@@ -71,7 +71,8 @@ LN2 = 0.6931471805599453
 # (i32 or i64).  The sizes, the window and the seed are therefore never specialised and the
 # seed is always i64; every pointer and every stride is made 16-aligned by the launchers
 # (_prep, _empty, _kpm), so each kernel always runs its vectorised, aligned variant.
-RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_right", "dropout_threshold", "seed"]
+RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_right", "dropout_threshold", "seed",
+                "batch_offset"]
 ALIGN = 16  # elements (strides) and bytes (pointers), as Triton's tt.divisibility
 
 
@@ -195,7 +196,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64,
+    qk_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64, batch_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr,
@@ -223,7 +224,9 @@ def _attention_fwd_kernel(
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
     lo, hi, full_lo, full_hi = _key_block_range(start_m + shift, row_last, seq_k, window_left, window_right,
                                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    rng_rows = ((b64 * n_heads + h) * seq_q + offs_m) * ((seq_k + 7) // 8)         # [BLOCK_M] int64 first counters
+    # The dropout counters number the rows of the whole batch: a launch over rows batch_offset.. of it
+    # gets pointers to its first row (see _batch_chunks).
+    rng_rows = (((b64 + batch_offset) * n_heads + h) * seq_q + offs_m) * ((seq_k + 7) // 8)  # [BLOCK_M] int64
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)                             # [BLOCK_M] running max (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                           # [BLOCK_M] running sum
@@ -358,6 +361,7 @@ def _attention_bwd_dkdv_heads(
     q_ptr, do_ptr, lse2_ptr, delta_ptr, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
     start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
     n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale, seed,
+    batch_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     DO_DK: tl.constexpr, DO_DV: tl.constexpr,
@@ -371,7 +375,7 @@ def _attention_bwd_dkdv_heads(
         q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
         do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
         row = (b64 * n_heads + h64) * seq_q
-        rng_head = row * ((seq_k + 7) // 8)
+        rng_head = (row + batch_offset.to(tl.int64) * n_heads * seq_q) * ((seq_k + 7) // 8)
         dk, dv, n_visited = _attention_bwd_dkdv_inner(
             dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
             start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
@@ -396,7 +400,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, sm_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64,
+    qk_scale, sm_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64, batch_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr, SPLIT_DKDV: tl.constexpr,
@@ -452,7 +456,7 @@ def _attention_bwd_dkdv_kernel(
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
             start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
             n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
-            seed, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, False, True)
+            seed, batch_offset, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, False, True)
         _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
         v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         dk, _, n_visited = _attention_bwd_dkdv_heads(
@@ -460,7 +464,7 @@ def _attention_bwd_dkdv_kernel(
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
             start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
             n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
-            seed, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, False)
+            seed, batch_offset, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, False)
     else:
         v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         dk, dv, n_visited = _attention_bwd_dkdv_heads(
@@ -468,7 +472,7 @@ def _attention_bwd_dkdv_kernel(
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
             start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, full_lo, n_full,
             n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
-            seed, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, True)
+            seed, batch_offset, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, True)
         _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dk_base, (dk * sm_scale).to(dk_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dkn, offs_d, HEAD_DIM, BLOCK_D)
     if COUNT_BLOCKS:
@@ -527,7 +531,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_kpmb,
     n_heads, group, seq_q, seq_k,
-    qk_scale, sm_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64,
+    qk_scale, sm_scale, window_left, window_right, dropout_threshold, dropout_scale, seed: tl.int64, batch_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     COUNT_BLOCKS: tl.constexpr,
@@ -554,7 +558,7 @@ def _attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpmb
-    rng_rows = (row + offs_m) * ((seq_k + 7) // 8)                                 # [BLOCK_M] int64 first counters
+    rng_rows = (row + batch_offset.to(tl.int64) * n_heads * seq_q + offs_m) * ((seq_k + 7) // 8)  # [BLOCK_M] int64
 
     shift = seq_k - seq_q
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
@@ -717,6 +721,25 @@ def launch_configs() -> list[dict]:
     return out
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third dimensions
+
+
+def _batch_chunks(batch: int, limit: int = MAX_GRID_YZ):
+    """(first row, slice) of the batch rows of each launch.  The grids are (blocks, heads, batch
+    rows) and CUDA caps the third dimension at 65535 rows, a batch that window attention over image
+    patches can pass: such a batch takes several launches, each given views from its first row and
+    that row's index (``batch_offset``), which only the dropout counters read, so a chunked launch
+    draws the mask a single one would.  A chunk after the first may start off the 16-byte alignment
+    of lse (B, H, Nq): Triton then compiles that launch's own (correct) variant."""
+    for b0 in range(0, batch, limit):
+        yield b0, slice(b0, min(batch, b0 + limit))
+
+
+def _rows(t: torch.Tensor, rows: slice, used: bool) -> torch.Tensor:
+    """``t[rows]`` for a per-batch tensor the kernel reads, else ``t`` itself (an unread stand-in)."""
+    return t[rows] if used else t
+
+
 def _aligned(t: torch.Tensor) -> bool:
     """Whether ``t`` launches the aligned variant: unit last stride, every other stride a multiple
     of ALIGN elements and a 16-byte aligned start."""
@@ -788,21 +811,21 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     counts = torch.empty((B, Hq, n_mblocks), device=q.device, dtype=torch.int32) if count_blocks else lse
     if B * Hq * Nq == 0:
         return (o.contiguous(), lse, counts) if count_blocks else (o.contiguous(), lse)
-    grid = (n_mblocks, Hq, B)
-    _attention_fwd_kernel[grid](
-        q, k, v, o, lse, kpm, counts,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        stride_kpmb,
-        Hq, Hq // Hkv, Nq, Nk,
-        float(scale) * LOG2E, int(left), int(right), dropout_threshold(dropout_p), dropout_scale(dropout_p),
-        int(seed or 0),
-        HEAD_DIM=D, BLOCK_D=block_d,
-        HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
-        COUNT_BLOCKS=count_blocks, **meta,
-    )
+    for b0, rows in _batch_chunks(B):
+        _attention_fwd_kernel[(n_mblocks, Hq, rows.stop - rows.start)](
+            q[rows], k[rows], v[rows], o[rows], lse[rows], _rows(kpm, rows, has_kpm), _rows(counts, rows, count_blocks),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            stride_kpmb,
+            Hq, Hq // Hkv, Nq, Nk,
+            float(scale) * LOG2E, int(left), int(right), dropout_threshold(dropout_p), dropout_scale(dropout_p),
+            int(seed or 0), b0,
+            HEAD_DIM=D, BLOCK_D=block_d,
+            HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
+            COUNT_BLOCKS=count_blocks, **meta,
+        )
     o = o.contiguous()  # a copy only when D is not a multiple of ALIGN (rows written padded, see _empty)
     return (o, lse, counts) if count_blocks else (o, lse)
 
@@ -845,34 +868,39 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     delta = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
     lse2 = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
     pre_m = _pre_block_m(block_d)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m), Hq, B)](
-        o, do, lse, delta, lse2,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        Hq, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
-    )
+    for _, rows in _batch_chunks(B):
+        _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m), Hq, rows.stop - rows.start)](
+            o[rows], do[rows], lse[rows], delta[rows], lse2[rows],
+            o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            Hq, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
+        )
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm,
                   DROPOUT=dropout, COUNT_BLOCKS=count_blocks)
     scalars = (Hq, Hq // Hkv, Nq, Nk, float(scale) * LOG2E, float(scale), int(left), int(right),
                dropout_threshold(dropout_p), dropout_scale(dropout_p), int(seed or 0))
-    _attention_bwd_dkdv_kernel[(n_dkdv, Hkv, B)](
-        q, k, v, do, lse2, delta, dk, dv, kpm, cnt_dkdv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        stride_kpmb, *scalars, **common, **mdkdv,
-    )
-    _attention_bwd_dq_kernel[(n_dq, Hq, B)](
-        q, k, v, do, lse2, delta, dq, kpm, cnt_dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        stride_kpmb, *scalars, **common, **mdq,
-    )
+    for b0, rows in _batch_chunks(B):
+        n_rows = rows.stop - rows.start
+        q_, k_, v_, do_, lse2_, delta_ = q[rows], k[rows], v[rows], do[rows], lse2[rows], delta[rows]
+        kpm_ = _rows(kpm, rows, has_kpm)
+        _attention_bwd_dkdv_kernel[(n_dkdv, Hkv, n_rows)](
+            q_, k_, v_, do_, lse2_, delta_, dk[rows], dv[rows], kpm_, _rows(cnt_dkdv, rows, count_blocks),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            stride_kpmb, *scalars, b0, **common, **mdkdv,
+        )
+        _attention_bwd_dq_kernel[(n_dq, Hq, n_rows)](
+            q_, k_, v_, do_, lse2_, delta_, dq[rows], kpm_, _rows(cnt_dq, rows, count_blocks),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            stride_kpmb, *scalars, b0, **common, **mdq,
+        )
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()  # as o in attention_fwd
     return (dq, dk, dv, cnt_dq, cnt_dkdv) if count_blocks else (dq, dk, dv)

@@ -62,7 +62,7 @@ def _kernel_config(cfg: dict, dt: str, head_dim: int, variant: str) -> KernelCon
         if kernel != "_attention_fwd_kernel":
             tail["sm_scale"] = "fp32"
         tail.update({"window_left": "i32", "window_right": "i32", "dropout_threshold": "i32",
-                     "dropout_scale": "fp32", "seed": "i64"})
+                     "dropout_scale": "fp32", "seed": "i64", "batch_offset": "i32"})
         if kernel == "_attention_fwd_kernel":
             sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "lse_ptr": "*fp32", "kpm_ptr": "*u8",
                    "count_ptr": _COUNT, **_strides("q", "k", "v", "o"), **tail}

@@ -268,6 +268,41 @@ def test_deterministic(triton_path):
     assert not torch.equal(o2, runs[0][0])
 
 
+def test_batch_chunks_launch_the_same_function(triton_path, monkeypatch):
+    """A batch launched in chunks (CUDA caps a grid's batch axis at 65535 rows; here chunks of 2 rows)
+    gives bit for bit the single launch's outputs, gradients, dropout mask and visited-block counts."""
+    from leedl_fast.kernels import attention as A
+    from leedl_fast.kernels.attention import attention_bwd, attention_fwd
+
+    B, Hq, Hkv, Nq, Nk, D = 5, 4, 2, 37, 45, 16
+    q = torch.randn(B, Hq, Nq, D, device=triton_path)
+    k, v = (torch.randn(B, Hkv, Nk, D, device=triton_path) for _ in range(2))
+    do = torch.randn(B, Hq, Nq, D, device=triton_path)
+    kpm = (torch.rand(B, Nk) < 0.2).to(triton_path)
+    kw = dict(scale=0.25, left=9, right=2, key_padding_mask=kpm, dropout_p=0.3, seed=11, count_blocks=True)
+
+    def run():
+        o, lse, cnt = attention_fwd(q, k, v, **kw)
+        return (o, lse, cnt, *attention_bwd(do, q, k, v, o, lse, **kw))
+
+    whole = run()
+    real = A._batch_chunks
+    launches = []
+
+    def small_chunks(batch):
+        chunks = list(real(batch, limit=2))
+        launches.append(chunks)
+        return chunks
+
+    monkeypatch.setattr(A, "_batch_chunks", small_chunks)
+    chunked = run()
+    assert [[(b0, r.start, r.stop) for b0, r in chunks] for chunks in launches] == [[(0, 0, 2), (2, 2, 4), (4, 4, 5)]] * 3
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    assert [(b0, r.stop - r.start) for b0, r in real(200_000)] == [(0, 65535), (65535, 65535), (131070, 65535),
+                                                                    (196605, 3395)]
+
+
 def test_launch_configs_cover_every_case():
     """Every (kernel, target, head-dim group) has a 16-bit entry, every (kernel, target) an fp32 one,
     and every head dim from 16 to 256 maps to a shipped entry on both targets."""
