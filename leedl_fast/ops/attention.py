@@ -929,6 +929,20 @@ class _EagerTorchAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+class _NoScores(torch.autograd.Function):
+    """Attention with Nq = 0 or Nk = 0: no score to compute.  Every query row sees no key, so the output
+    is zeros (as for any such row) and every gradient is zero; no kernel runs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, seed):
@@ -947,8 +961,6 @@ def _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, see
         raise ValueError(f"q's head count {hq} must be a multiple of k's {hkv} (grouped-query attention)")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q's head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
-    if nq < 1 or nk < 1:
-        raise ValueError(f"q and k need at least one position each, got Nq={nq}, Nk={nk}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     if key_padding_mask is not None:
@@ -974,7 +986,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Args:
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv (GQA/MQA, no copies).
             float16, bfloat16, float32 (float64 on the torch path); any strides; 16 <= D <= 256;
-            Nq, Nk >= 1, Nq != Nk allowed.
+            Nq != Nk allowed; Nq = 0 gives an empty result, Nk = 0 zeros (no query sees a key).
         causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned).
         window: None or (left, right): query i sees keys i + (Nk - Nq) - left .. i + (Nk - Nq) + right,
             inclusive, -1 = unbounded on that side.  With ``causal`` the right bound is 0.  See the
@@ -992,6 +1004,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     1e-3 relative error there.  Deterministic: the same inputs and seed give the same bits.
     """
     left, right = _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, seed)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return _NoScores.apply(q, k, v)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dropout_p = float(dropout_p)

@@ -343,12 +343,26 @@ def _ok():
     (lambda q, k, v: (q, k, v, {"causal": 1}), "causal"),
     (lambda q, k, v: (q, k, v, {"seed": -1}), "seed"),
     (lambda q, k, v: (q, k, v, {"scale": float("nan")}), "scale"),
-    (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0], {}), "Nk"),
 ])
 def test_errors(change, match):
     q, k, v, kw = change(*_ok())
     with pytest.raises(ValueError, match=match):
         attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("nq,nk", [(0, 8), (5, 0), (0, 0)])
+def test_zero_lengths(any_path, nq, nk):
+    """No queries: an empty result; no keys: every row sees nothing, so zeros (as any such row).  Gradients are
+    zeros of each input's shape, as SDPA's; no kernel runs."""
+    q = torch.randn(2, 4, nq, 16, device=any_path, requires_grad=True)
+    k = torch.randn(2, 2, nk, 16, device=any_path, requires_grad=True)
+    v = torch.randn(2, 2, nk, 16, device=any_path, requires_grad=True)
+    kpm = torch.zeros(2, nk, dtype=torch.bool, device=any_path)
+    o = attention(q, k, v, causal=True, key_padding_mask=kpm, dropout_p=0.3)
+    assert o.shape == q.shape and o.dtype == q.dtype and torch.equal(o, torch.zeros_like(q))
+    o.backward(torch.randn_like(o))
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and not t.grad.any()
 
 
 def test_errors_before_any_kernel(monkeypatch):
