@@ -180,7 +180,7 @@ def _to_heads(x: Tensor, batch_first: bool) -> Tensor:
 def _from_heads(o: Tensor, batch_first: bool) -> Tensor:
     """(B, H, N, D) -> (B, N, H*D) or (N, B, H*D)."""
     o = o.transpose(1, 2) if batch_first else o.permute(2, 0, 1, 3)
-    return o.reshape(*o.shape[:2], -1)
+    return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])     # explicit sizes: B or N may be 0
 
 
 def _dense_attention(q, k, v, *, causal, window, mask, kpm, dropout_p) -> Tensor:
@@ -422,6 +422,12 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
+def _layer_batch_first(layer: nn.Module) -> bool:
+    """The layout a layer takes: its ``batch_first``, else its ``self_attn``'s (where torch.nn's containers
+    read it: torch.nn's layers keep no ``batch_first`` of their own)."""
+    return bool(getattr(layer, "batch_first", getattr(getattr(layer, "self_attn", None), "batch_first", False)))
+
+
 class TransformerEncoder(nn.Module):
     """A stack of ``num_layers`` deep copies of ``encoder_layer``, then the optional ``norm``.
 
@@ -445,11 +451,14 @@ class TransformerEncoder(nn.Module):
                 is_causal: bool | None = None) -> Tensor:
         """As ``TransformerEncoderLayer.forward``; a ``mask`` equal to the causal mask is detected once here."""
         out = src
-        causal = False
+        causal = bool(is_causal)
         if isinstance(src, torch.Tensor) and self.layers:
-            batch_first = getattr(self.layers[0], "batch_first", False)
-            n = _seq_len(src, batch_first)
-            causal, mask = _resolve_mask(_check_mask("mask", mask, n, n), is_causal, n, n)
+            n = _seq_len(src, _layer_batch_first(self.layers[0]))
+            causal, resolved = _resolve_mask(_check_mask("mask", mask, n, n), is_causal, n, n)
+            # Our layers take a causal mask as the flag alone; any other layer (torch.nn's) gets the mask with
+            # the flag as a hint, as torch.nn.TransformerEncoder passes them.
+            if all(isinstance(layer, TransformerEncoderLayer) for layer in self.layers):
+                mask = resolved
         for layer in self.layers:
             out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=causal)
         if self.norm is not None:
@@ -571,6 +580,7 @@ class TransformerDecoder(nn.Module):
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
+        self._batch_first = _layer_batch_first(decoder_layer)     # the layout, also with no layers
 
     def new_cache(self) -> DecoderCache:
         """An empty key/value cache for incremental decoding with this decoder."""
@@ -582,13 +592,19 @@ class TransformerDecoder(nn.Module):
                 memory_is_causal: bool = False, *, cache: DecoderCache | None = None) -> Tensor:
         out = tgt
         causal = bool(tgt_is_causal)
+        ours = all(isinstance(layer, TransformerDecoderLayer) for layer in self.layers)
+        batch_first = _layer_batch_first(self.layers[0]) if self.layers else self._batch_first
         if cache is not None:
             if not isinstance(cache, DecoderCache) or len(cache.layers) != len(self.layers):
                 raise ValueError("cache must be a DecoderCache made by this decoder's new_cache()")
+            if not ours:
+                raise ValueError("cache needs leedl_fast TransformerDecoderLayer layers (they keep the keys and "
+                                 "values); this decoder holds other layers")
         elif isinstance(tgt, torch.Tensor) and self.layers and tgt_mask is not None:
-            batch_first = getattr(self.layers[0], "batch_first", False)
             n = _seq_len(tgt, batch_first)
-            causal, tgt_mask = _resolve_mask(_check_mask("tgt_mask", tgt_mask, n, n), tgt_is_causal, n, n)
+            causal, resolved = _resolve_mask(_check_mask("tgt_mask", tgt_mask, n, n), tgt_is_causal, n, n)
+            if ours:            # as in TransformerEncoder: other layers get the mask with the flag as a hint
+                tgt_mask = resolved
         for i, layer in enumerate(self.layers):
             kw = {} if cache is None else {"cache": cache.layers[i]}
             out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
@@ -597,7 +613,7 @@ class TransformerDecoder(nn.Module):
         if self.norm is not None:
             out = self.norm(out)
         if cache is not None:
-            cache.length += _seq_len(tgt, getattr(self.layers[0], "batch_first", False) if self.layers else False)
+            cache.length += _seq_len(tgt, batch_first)
         return out
 
 

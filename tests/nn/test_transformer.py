@@ -686,3 +686,53 @@ def test_kernel_path_dropout_is_seeded_by_torch_generator(triton_path):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
     layer.eval()
     assert torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("b,n", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence_like_torch(any_path, batch_first, b, n):
+    """An empty batch or an empty sequence gives an empty output of the input's shape, as torch.nn's layers."""
+    enc = TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=batch_first).to(any_path)
+    dec = TransformerDecoderLayer(E, H, FF, dropout=0.0, batch_first=batch_first).to(any_path)
+    x = torch.randn(_layout(n, b, batch_first), device=any_path)
+    mem = torch.randn(_layout(3, b, batch_first), device=any_path)
+    assert enc(x).shape == x.shape
+    assert dec(x, mem).shape == x.shape
+    ref = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=batch_first)
+    assert ref(x.cpu()).shape == x.shape
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_containers_accept_torch_nn_layers(torch_path, batch_first):
+    """TransformerEncoder/Decoder around torch.nn's own layers compute what torch.nn's containers compute: a causal
+    mask stays a mask for them (torch.nn's layers refuse the causal flag without one) and the layout is read
+    from the layer's self_attn, where torch.nn keeps it."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=batch_first).double()
+    ours = TransformerEncoder(layer, 2)
+    ref = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = _x(_layout(9, 2, batch_first))
+    m = torch.nn.Transformer.generate_square_subsequent_mask(9, dtype=torch.float64)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 6:] = True
+    for kw in ({"mask": m}, {"mask": m, "is_causal": True}, {"src_key_padding_mask": kpm}):
+        assert_close(ours(x, **kw), ref(x, **kw), dtype=torch.float64, name=str(sorted(kw)))
+    dlayer = torch.nn.TransformerDecoderLayer(E, H, FF, dropout=0.0, batch_first=batch_first).double()
+    ours = TransformerDecoder(dlayer, 2)
+    ref = torch.nn.TransformerDecoder(dlayer, 2)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    mem = _x(_layout(4, 2, batch_first))
+    for kw in ({"tgt_mask": m}, {"tgt_mask": m, "tgt_is_causal": True}, {"tgt_key_padding_mask": kpm}):
+        assert_close(ours(x, mem, **kw), ref(x, mem, **kw), dtype=torch.float64, name=str(sorted(kw)))
+    with pytest.raises(ValueError, match="cache"):
+        ours(x, mem, cache=ours.new_cache())
+
+
+def test_cache_length_without_layers():
+    """A decoder of zero layers still counts decoded positions in its layout (from the layer it was given)."""
+    dec = TransformerDecoder(TransformerDecoderLayer(E, H, FF, dropout=0.0, batch_first=True), 0)
+    cache = dec.new_cache()
+    x, mem = torch.randn(3, 2, E), torch.randn(3, 4, E)
+    assert torch.equal(dec(x, mem, cache=cache), x)
+    assert cache.length == 2
