@@ -235,6 +235,11 @@ class MultiheadAttention(nn.Module):
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must agree except in the last dim, got {tuple(key.shape)} "
                              f"and {tuple(value.shape)}")
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and not (isinstance(m, torch.Tensor) and (m.dtype == torch.bool or m.is_floating_point())):
+                # torch.nn raises too; an int 0/1 mask added to the scores would be a silent +1 bias
+                raise ValueError(f"{name} must be a bool or floating-point tensor, got "
+                                 f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
         if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
             raise ValueError(f"key_padding_mask must be {query.dim() - 1}-D, got shape {tuple(key_padding_mask.shape)}")
         if attn_mask is not None and attn_mask.dim() not in (2, 3):

@@ -434,6 +434,12 @@ def test_state_dict_and_errors():
         m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask"):
         m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
+    # integer masks are refused on every path (torch.nn refuses them too); added to the scores they would be a bias
+    for need_weights in (True, False):
+        with pytest.raises(ValueError, match="key_padding_mask must be a bool or floating"):
+            m(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.long), need_weights=need_weights)
+        with pytest.raises(ValueError, match="attn_mask must be a bool or floating"):
+            m(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.int32), need_weights=need_weights)
 
 
 def test_initialisation_matches_torch():
