@@ -112,7 +112,8 @@ class Seq2SeqHead(nn.Module):
         if padding_idx is not None:
             with torch.no_grad():
                 self.token_embedding.weight[padding_idx].zero_()
-        self.positional = SinusoidalPositionalEncoding(d_model, max_len, dropout, batch_first)
+        self.positional = SinusoidalPositionalEncoding(d_model, max_len, dropout, batch_first, device=device,
+                                                       dtype=dtype)
         self.tie_weights = tie_weights
         if tie_weights:
             self.bias = nn.Parameter(torch.zeros(vocab_size, device=device, dtype=dtype))

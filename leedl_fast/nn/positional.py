@@ -63,6 +63,8 @@ class _PositionalEncoding(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a (seq, batch, {self.d_model}) tensor (batch first: (batch, seq, "
                              f"{self.d_model})) or an unbatched (seq, {self.d_model}) one, got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor (embedded vectors), got {x.dtype}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
         seq_dim = 1 if (self.batch_first and x.dim() == 3) else 0
@@ -83,12 +85,15 @@ class SinusoidalPositionalEncoding(_PositionalEncoding):
 
     The table is a non-persistent buffer (rebuilt from the formula, never stored
     in a state_dict).  Input and output: (seq, batch, d_model), or
-    (batch, seq, d_model) with ``batch_first=True``.
+    (batch, seq, d_model) with ``batch_first=True``.  ``device`` and ``dtype`` place the table
+    (default float32; it is computed in float64 either way).
     """
 
-    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False):
+    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False,
+                 device=None, dtype=None):
         super().__init__(d_model, max_len, dropout, batch_first)
-        self.register_buffer("pe", sinusoidal_table(max_len, d_model), persistent=False)
+        self.register_buffer("pe", sinusoidal_table(max_len, d_model, dtype or torch.float32, device),
+                             persistent=False)
 
     def _table(self) -> torch.Tensor:
         return self.pe

@@ -61,3 +61,14 @@ def test_seq2seq_head(tie, batch_first):
                      dtype=torch.float32)
     with pytest.raises(ValueError, match="ids"):
         head.embed(torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("device,dtype", [("meta", None), ("cpu", torch.float64)])
+def test_seq2seq_head_device_and_dtype_reach_the_positional_table(device, dtype):
+    head = Seq2SeqHead(11, 6, max_len=20, device=device, dtype=dtype)
+    assert head.positional.pe.device.type == device
+    assert head.positional.pe.dtype == (dtype or torch.float32)
+    x = head.embed(torch.zeros(2, 3, dtype=torch.long, device=device))
+    assert x.shape == (3, 2, 6) and x.device.type == device     # ids (batch, seq) -> (seq, batch, d_model)
+    if dtype == torch.float64:     # the table itself in float64, not a float32 one cast up
+        assert torch.equal(head.positional.pe, sinusoidal_table(20, 6, torch.float64))

@@ -77,3 +77,5 @@ def test_errors():
         enc(torch.zeros(8, 1, 4), offset=-1)
     with pytest.raises(ValueError, match="x must be"):
         enc(torch.zeros(8, 1, 5))
+    with pytest.raises(ValueError, match="floating"):
+        enc(torch.zeros(8, 1, 4, dtype=torch.long))
