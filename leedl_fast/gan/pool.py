@@ -5,7 +5,7 @@ while the pool holds fewer than ``pool_size`` images, each queried image is
 stored and returned as is; once it is full, each image is, with probability
 1/2, swapped with a uniformly chosen stored image (the stored one is returned,
 the new one takes its place), and otherwise returned unchanged.
-``pool_size = 0`` returns the input.
+``pool_size = 0`` returns the input, detached like every result.
 
 The coin flips and the slot choice come from the pool's own seeded
 ``torch.Generator``, so a run is reproducible and the state can be saved.
@@ -37,7 +37,7 @@ class ImagePool:
         if not isinstance(images, torch.Tensor) or images.dim() < 1:
             raise ValueError(f"images must be a tensor with a batch dimension, got {type(images).__name__}")
         if self.pool_size == 0:
-            return images
+            return images.detach()
         if self.images and self.images[0].shape != images.shape[1:]:
             raise ValueError(f"images have per-sample shape {tuple(images.shape[1:])} but the pool holds "
                              f"{tuple(self.images[0].shape)}")
