@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
+from .random import MAX_SEED
 
 __all__ = [
     "UsageError", "DistInfo", "train", "sample", "seed_everything", "rng_state", "set_rng_state",
@@ -56,6 +57,17 @@ _ARG_KEYS_THAT_CHANGE_RESULTS = ("seed", "batch_size", "lr")
 
 class UsageError(Exception):
     """Something the user asked for that cannot be done; the message is one line (CLI exit status 2)."""
+
+
+# Picture formats a recipe's ``sample`` may write through ``leedl_fast.digits.save_grid`` (matplotlib's imsave).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
+
+
+def _check_seed(args) -> int:
+    seed = getattr(args, "seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an int in [0, 2**63 - 1], got {seed!r}")
+    return seed
 
 
 # --------------------------------------------------------------------------- seeds and RNG states
@@ -355,12 +367,17 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
         raise UsageError(f"--steps must be >= 0, got {steps}")
     if int(args.batch_size) < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    lr = float(getattr(args, "lr", 1e-3))
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {lr}")
+    _check_seed(args)
+    every = getattr(args, "checkpoint_every", None)
+    every = max(1, steps // 10) if every is None else int(every)
+    if every < 1:
+        raise UsageError(f"--checkpoint-every must be >= 1, got {every}")
     out = prepare_out_dir(args.out, create=main)
     args.out = out
     resume_from = _resume_path(args, out)
-    every = getattr(args, "checkpoint_every", None) or max(1, steps // 10)
-    if every < 1:
-        raise UsageError(f"--checkpoint-every must be >= 1, got {every}")
     loaded = None
     if resume_from is not None:
         header, payload = ckpt.load(resume_from, recipe=recipe.name)  # every rank reads it (a shared filesystem)
@@ -534,7 +551,20 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
 def sample(recipe, args: argparse.Namespace, payload: dict, checkpoint_path: Path) -> Path:
     """Build the recipe's models, load them from ``payload`` and let the recipe write ``args.out``."""
     device = resolve_device(getattr(args, "device", None))
-    seed_everything(int(args.seed))
+    seed_everything(_check_seed(args))
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / f"{recipe.name}_samples.png"
+    suffixes = getattr(recipe, "sample_suffixes", None)
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise UsageError(f"--out {out}: {recipe.name} writes a picture; use a name ending in {', '.join(suffixes)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create its folder ({exc.strerror or exc})") from None
+    check = getattr(recipe, "check_sample_args", None)
+    if callable(check):
+        check(args)
     models = recipe.build(args, device)
     saved = payload.get("models", {})
     if set(saved) != set(models):
@@ -548,10 +578,6 @@ def sample(recipe, args: argparse.Namespace, payload: dict, checkpoint_path: Pat
                 f"checkpoint {checkpoint_path} does not fit model {name!r}: {_mismatch(exc)}") from None
         model.eval()
     recipe.load_state_dict(payload.get("recipe_state", {}))
-    out = Path(args.out)
-    if out.is_dir():
-        out = out / f"{recipe.name}_samples.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     args.out = out
     seed_everything(int(args.seed))
     with torch.no_grad():

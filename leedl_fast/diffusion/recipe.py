@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..digits import DigitClassifier, load_digits, save_grid
-from ..training import recipe_arg, unwrap
+from ..training import IMAGE_SUFFIXES, UsageError, recipe_arg, unwrap
 from .loss import training_loss
 from .samplers import DDIMSampler, DDPMSampler
 from .schedule import NoiseSchedule
@@ -42,6 +42,7 @@ NULL_CLASS = NUM_CLASSES  # the "no label" token of classifier-free guidance
 
 class DiffusionRecipe:
     name = "diffusion"
+    sample_suffixes = IMAGE_SUFFIXES
     defaults = {"steps": 500, "batch_size": 128, "lr": 2e-3}
     # Further knobs read from args when present (the CLI may not expose them).
     base_channels = 32
@@ -126,7 +127,7 @@ class DiffusionRecipe:
         labels = labels.to(device)
         w = self.guidance if guidance is None else guidance
         if sampler == "ddim":
-            s = DDIMSampler(self.schedule, steps or self.eval_steps)
+            s = DDIMSampler(self.schedule, self.eval_steps if steps is None else steps)
         elif sampler == "ddpm":
             s = DDPMSampler(self.schedule, steps)  # steps=None: the full ancestral chain (1000 steps)
         else:
@@ -161,6 +162,15 @@ class DiffusionRecipe:
         print(f"diffusion: classifier labels {acc:.1%} of {len(labels)} class-conditional samples as the digit "
               f"asked for (classifier accuracy on the data: {train_acc:.1%}); grid: {out_dir / 'samples.png'}")
         return {"sample_accuracy": acc, "classifier_data_accuracy": train_acc}
+
+    def check_sample_args(self, args) -> None:
+        """``UsageError`` for ``--steps`` or ``--per-class`` out of range, before any model is built."""
+        steps, t = getattr(args, "steps", None), self.schedule.num_train_timesteps
+        if steps is not None and not 1 <= steps <= t:
+            raise UsageError(f"--steps must be in [1, {t}] (the schedule's timesteps), got {steps}")
+        per_class = recipe_arg(args, "eval_per_class", 10)
+        if per_class < 1:
+            raise UsageError(f"--per-class must be >= 1, got {per_class}")
 
     def sample(self, models, args, out_path: pathlib.Path) -> None:
         """A grid of samples, one row per digit, from the EMA model: ``--sampler ddim|ddpm --steps N``

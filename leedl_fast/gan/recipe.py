@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..digits import DigitClassifier, load_digits, save_grid
-from ..training import recipe_arg
+from ..training import IMAGE_SUFFIXES, recipe_arg
 from .conditional import ConditionalGenerator, ProjectionDiscriminator
 from .cyclegan import NLayerDiscriminator, ResnetGenerator, cyclegan_step
 from .dcgan import sample_latent
@@ -79,6 +79,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class GANRecipe:
+    sample_suffixes = IMAGE_SUFFIXES
     """Class-conditional GAN on the 8x8 digits (see the module docstring)."""
 
     name = "gan"
@@ -178,6 +179,7 @@ class _Unpaired(torch.utils.data.Dataset):
 
 
 class CycleGANRecipe:
+    sample_suffixes = IMAGE_SUFFIXES
     """CycleGAN between digits (A) and thickened digits (B) (see the module docstring)."""
 
     name = "cyclegan"

@@ -94,3 +94,16 @@ class OtherToyRecipe(ToyRecipe):
     """The same model under another name: its checkpoints must not load as ``toy``."""
 
     name = "other_toy"
+
+
+class PictureToyRecipe(ToyRecipe):
+    """``toy`` (it loads toy checkpoints) declaring that its samples are pictures and checking its own sample
+    options, as the diffusion and GAN recipes do."""
+
+    sample_suffixes = (".png",)
+
+    def check_sample_args(self, args):
+        from leedl_fast.training import UsageError
+
+        if args.num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")

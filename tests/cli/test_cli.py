@@ -1,8 +1,10 @@
 """The ``leedl-fast`` command: entry points, info, bench wiring, and one-line errors (exit 2) for user mistakes."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +253,51 @@ def test_checkpoint_of_another_model(capsys, trained, tmp_path):
     rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--resume", "--out", tmp_path / "empty",
                           "--device", "cpu")
     assert_user_error(rc, err, "checkpoint.pt does not exist")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--seed", "-1", "--seed must be an int in [0, 2**63 - 1]"),
+    ("--seed", str(2**63), "--seed must be an int in [0, 2**63 - 1]"),
+    ("--lr", "-1", "--lr must be a positive number"),
+    ("--lr", "nan", "--lr must be a positive number"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be >= 1"),
+])
+def test_train_settings_are_checked_before_any_step(capsys, tmp_path, option, value, message):
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", option, value, "--out", tmp_path / "o",
+                          "--device", "cpu", "--no-progress")
+    assert_user_error(rc, err, message)
+    assert not (tmp_path / "o").exists()        # refused before the run made anything
+
+
+def test_sample_settings_are_one_line_errors(capsys, trained, tmp_path):
+    ck = trained / "checkpoint.pt"
+    rc, _, err = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--checkpoint", ck, "--seed", "-3",
+                          "--out", tmp_path / "s.txt", "--device", "cpu")
+    assert_user_error(rc, err, "--seed must be an int")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, _, err = run_main(capsys, "sample", "tests.cli:ToyRecipe", "--checkpoint", ck, "--out", blocker / "s.txt",
+                          "--device", "cpu")
+    assert_user_error(rc, err, "cannot create its folder")
+    rc, _, err = run_main(capsys, "sample", "tests.cli:PictureToyRecipe", "--checkpoint", ck,
+                          "--out", tmp_path / "s.txt", "--device", "cpu")
+    assert_user_error(rc, err, "writes a picture; use a name ending in .png")
+    rc, _, err = run_main(capsys, "sample", "tests.cli:PictureToyRecipe", "--checkpoint", ck,
+                          "--out", tmp_path / "s.png", "--num-samples", "0", "--device", "cpu")
+    assert_user_error(rc, err, "--num-samples must be >= 1")
+    assert blocker.read_text() == "x" and not (tmp_path / "s.png").exists()
+
+
+def test_diffusion_sample_options_are_checked():
+    from leedl_fast.diffusion.recipe import DiffusionRecipe
+    from leedl_fast.training import IMAGE_SUFFIXES, UsageError
+
+    recipe = DiffusionRecipe()
+    assert DiffusionRecipe.sample_suffixes == IMAGE_SUFFIXES
+    recipe.check_sample_args(argparse.Namespace(steps=None, eval_per_class=1))
+    recipe.check_sample_args(argparse.Namespace(steps=1000, eval_per_class=10))
+    for steps, per_class, message in ((0, 10, "--steps must be in [1, 1000]"), (1001, 10, "--steps"),
+                                      (-3, 10, "--steps"), (None, 0, "--per-class must be >= 1"),
+                                      (5, -1, "--per-class")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            recipe.check_sample_args(argparse.Namespace(steps=steps, eval_per_class=per_class))
