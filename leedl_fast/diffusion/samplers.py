@@ -10,6 +10,7 @@ beyond a table lookup.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -129,8 +130,8 @@ class DDIMSampler(_Sampler):
         _check_common(schedule, prediction_type, num_inference_steps)
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required for DDIM")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
+            raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
         T = schedule.num_train_timesteps
         self.num_inference_steps, self.eta, self.prediction_type = num_inference_steps, float(eta), prediction_type
         timesteps = _leading_timesteps(T, num_inference_steps)

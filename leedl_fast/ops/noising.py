@@ -498,17 +498,25 @@ def fused_step(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor
     return _step_op(model_output, x_t, coef, noise if add_noise else None, seed, bool(add_noise), clip_range)
 
 
+def _as_int(t):
+    """A one-element integer tensor as its int (a float tensor stays a tensor, and is refused: it is not a step)."""
+    if isinstance(t, torch.Tensor) and t.numel() == 1 and not (t.is_floating_point() or t.dtype == torch.bool):
+        return int(t)
+    return t
+
+
 def _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type):
+    """Checks of a sampler step's arguments; returns (t, prev_t) as ints, ``prev_t`` None meaning t - 1."""
     check_tensor("x_t", x_t)
     _check_like("model_output", model_output, x_t, "x_t", same_dtype=False)
     _check_schedule(alphas_cumprod, x_t.device)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     n = alphas_cumprod.shape[0]
-    t = int(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+    t, prev_t = _as_int(t), _as_int(prev_t)
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n:
         raise ValueError(f"t must be an int in [0, {n}), got {t!r}")
-    prev_t = int(prev_t) if isinstance(prev_t, torch.Tensor) and prev_t.numel() == 1 else prev_t
+    prev_t = t - 1 if prev_t is None else prev_t
     if isinstance(prev_t, bool) or not isinstance(prev_t, int) or not -1 <= prev_t < t:
         raise ValueError(f"prev_t must be an int in [-1, t), got {prev_t!r}")
     return t, prev_t
@@ -583,7 +591,6 @@ def ddpm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     ("fixed_small") or beta_t ("fixed_large").  z is ``noise`` or the Philox stream of ``seed``.  Equal to
     diffusers' DDPMScheduler.step given the same noise.  (``DDPMSampler`` precomputes the coefficients;
     this function reads two alphas_cumprod entries on the host per call.)"""
-    prev_t = (t - 1 if not isinstance(t, torch.Tensor) else int(t) - 1) if prev_t is None else prev_t
     t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
@@ -602,8 +609,11 @@ def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     kernel; noise (``noise`` or Philox of ``seed``) scaled by eta * sigma when eta > 0.  Equal to diffusers'
     DDIMScheduler.step (use_clipped_model_output=False) given the same noise."""
     t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+    if prev_t < 0 and (isinstance(final_alpha_cumprod, bool) or not isinstance(final_alpha_cumprod, (int, float))
+                       or not 0 < final_alpha_cumprod <= 1):
+        raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod!r}")
     a_t = float(alphas_cumprod[t])
     a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(final_alpha_cumprod)
     coefs, add_noise = ddim_step_coefficients(a_t, a_p, prediction_type, float(eta))

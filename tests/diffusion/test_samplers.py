@@ -118,6 +118,8 @@ def test_errors():
         DDPMSampler(s, variance_type="learned_range")
     with pytest.raises(ValueError, match="eta"):
         DDIMSampler(s, 10, eta=-1.0)
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(s, 10, eta=float("inf"))
     with pytest.raises(ValueError, match="schedule"):
         DDPMSampler(s.alphas_cumprod)
     sampler = DDIMSampler(s, 10)

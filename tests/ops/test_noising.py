@@ -335,6 +335,19 @@ def test_errors():
         ddim_step(x0, 5, x0, ac, prev_t=3, eta=-0.1)
     with pytest.raises(ValueError, match="model_output has shape"):
         ddpm_step(x0[:2], 5, x0, ac)
+    # t is checked before the default prev_t (t - 1) is formed from it; a float tensor is not a step
+    for bad in ("5", None, torch.tensor([5, 5, 5]), torch.tensor(5.7), 5.0):
+        with pytest.raises(ValueError, match="t must be an int"):
+            ddpm_step(x0, bad, x0, ac)
+        with pytest.raises(ValueError, match="t must be an int"):
+            ddim_step(x0, bad, x0, ac, prev_t=3)
+    assert torch.equal(ddpm_step(x0, torch.tensor(5), x0, ac, seed=1), ddpm_step(x0, 5, x0, ac, seed=1))
+    for eta in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eta"):
+            ddim_step(x0, 5, x0, ac, prev_t=3, eta=eta)
+    for final in (0.0, 1.5, "1"):
+        with pytest.raises(ValueError, match="final_alpha_cumprod"):
+            ddim_step(x0, 5, x0, ac, prev_t=-1, final_alpha_cumprod=final)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="t is on"):
             q_sample(x0.cuda(), t, ac.cuda(), seed=0)
