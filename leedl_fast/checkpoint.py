@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -70,6 +71,12 @@ def _write_all(f, data: bytes) -> None:
     f.write(data)
 
 
+# The keys ``save`` writes itself; ``extra_header`` may not replace them.
+_HEADER_KEYS = frozenset({"format", "version", "recipe", "created", "leedl_fast", "torch", "payload_bytes",
+                          "payload_sha256"})
+_MKSTEMP_TAIL = re.compile(r"[A-Za-z0-9_]{8}")
+
+
 def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: dict | None = None) -> Path:
     """Write ``payload`` (a dict of tensors and plain values) to ``path`` atomically.
 
@@ -78,6 +85,9 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
     read with ``read_header`` without unpickling anything.  Returns the path.
     """
     path = Path(path)
+    clash = sorted(set(extra_header or {}) & _HEADER_KEYS)
+    if clash:
+        raise ValueError(f"extra_header must not set the header's own keys {', '.join(clash)}")
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -97,8 +107,12 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
         **(extra_header or {}),
     }
     head = json.dumps(header, sort_keys=True).encode("utf-8")
-    # Earlier writers killed mid-write left their temporary files: remove them.
-    for stale in directory.glob(f"{_TMP_PREFIX}{path.name}.*"):
+    # Earlier writers killed mid-write left their temporary files (mkstemp's: the prefix, then 8 characters):
+    # remove them, and only them (not the temporary file of "<name>.bak", say).
+    prefix = f"{_TMP_PREFIX}{path.name}."
+    for stale in directory.iterdir():
+        if not (stale.name.startswith(prefix) and _MKSTEMP_TAIL.fullmatch(stale.name[len(prefix):])):
+            continue
         try:
             stale.unlink()
         except OSError:

@@ -191,3 +191,21 @@ def test_missing_and_directory(tmp_path):
         ckpt.load(tmp_path / "nope.pt")
     with pytest.raises(ckpt.CheckpointError, match="is a directory"):
         ckpt.load(tmp_path)
+
+
+def test_extra_header_cannot_replace_the_headers_own_keys(tmp_path):
+    path = ckpt.save(tmp_path / "c.pt", _payload(1.0), recipe="toy", extra_header={"step": 3})
+    header = ckpt.read_header(path)
+    assert set(header) - {"step"} == ckpt._HEADER_KEYS           # the list of reserved keys is the header's
+    for key in sorted(ckpt._HEADER_KEYS):
+        with pytest.raises(ValueError, match=key):
+            ckpt.save(tmp_path / "c.pt", _payload(2.0), recipe="toy", extra_header={key: 3})
+    assert ckpt.read_header(path) == header                      # nothing was written
+
+
+def test_only_this_files_stale_temporaries_are_removed(tmp_path):
+    mine, other = tmp_path / ".tmp-c.pt.ab_12xyz", tmp_path / ".tmp-c.pt.bak.ab_12xyz"
+    for f in (mine, other):
+        f.write_bytes(b"partial")
+    ckpt.save(tmp_path / "c.pt", _payload(1.0), recipe="toy")
+    assert not mine.exists() and other.exists()                  # "c.pt.bak"'s writer may still be at work
