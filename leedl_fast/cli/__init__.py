@@ -93,6 +93,10 @@ def resolve_recipe(name: str) -> type:
         cls = getattr(mod, clsname, None)
         if cls is None:
             raise UsageError(f"module {modname!r} has no recipe class {clsname!r}")
+        missing = [m for m in ("build", "optimizers", "dataset", "train_step") if not callable(getattr(cls, m, None))]
+        if not isinstance(cls, type) or missing:
+            raise UsageError(f"{name} is not a recipe class (a class with build, optimizers, dataset and "
+                             f"train_step methods)")
         return cls
     found, broken = discover_recipes()
     if name in found:

@@ -168,6 +168,8 @@ def test_unknown_model_names(capsys, tmp_path):
     assert_user_error(rc, err, "cannot import recipe module 'no_such_module_xyz'")
     rc, _, err = run_main(capsys, "train", "tests.cli:NoSuchRecipe")
     assert_user_error(rc, err, "has no recipe class 'NoSuchRecipe'")
+    rc, _, err = run_main(capsys, "train", "os:path")
+    assert_user_error(rc, err, "os:path is not a recipe class")
 
 
 def test_bad_option_values_are_one_line(capsys, tmp_path):
