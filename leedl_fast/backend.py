@@ -52,11 +52,15 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _interpreting(os.environ.get("TRITON_INTERPRET"))
 
 
-def _requested() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+def _interpreting(raw: str | None) -> bool:
+    return (raw or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _requested(raw: str | None) -> str:
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in _CHOICES:
         raise RuntimeError(f"{ENV_VAR} must be one of {', '.join(_CHOICES)}; got {value!r}")
     return value
@@ -68,21 +72,36 @@ def decide(device: torch.device | str) -> Decision:
     Never raises for a forced but impossible Triton path: the reason says what
     is missing (``select`` raises).  Used by ``leedl-fast info``.
     """
-    device = torch.device(device)
-    requested = _requested()
+    return _decide(*_key(torch.device(device).type))
+
+
+def _key(device_type: str) -> tuple:
+    """What a decision depends on; Triton is imported only when the variable does not force the torch path."""
+    requested_raw = os.environ.get(ENV_VAR)
+    forced_torch = requested_raw is not None and requested_raw.strip().lower() == "torch"
+    return (device_type, requested_raw, os.environ.get("TRITON_INTERPRET"),
+            None if forced_torch else _triton_import())
+
+
+@functools.lru_cache(maxsize=64)
+def _decide(device_type: str, requested_raw: str | None, interpret_raw: str | None,
+            triton: tuple[bool, str] | None) -> Decision:
+    """``decide`` as a function of everything it depends on (the device type, the two variables' raw values,
+    Triton's import), cached: an op's call costs two environment reads and a look-up, not the reasoning."""
+    requested = _requested(requested_raw)
     if requested == "torch":
         return Decision("torch", f"{ENV_VAR}=torch")
-    ok, why = _triton_import()
-    if device.type == "cuda":
+    ok, why = triton
+    if device_type == "cuda":
         if ok:
             return Decision("triton", f"CUDA tensor and {why}" + (f" ({ENV_VAR}=triton)" if requested == "triton" else ""))
         return Decision("torch" if requested == "auto" else "unavailable", why)
-    if interpreting() and ok:
-        return Decision("triton", f"{device.type} tensor and TRITON_INTERPRET=1: Triton's interpreter (slow; for tests)")
+    if _interpreting(interpret_raw) and ok:
+        return Decision("triton", f"{device_type} tensor and TRITON_INTERPRET=1: Triton's interpreter (slow; for tests)")
     if requested == "triton":
-        missing = why if not ok else f"{device.type} tensors need TRITON_INTERPRET=1 set before triton is imported"
+        missing = why if not ok else f"{device_type} tensors need TRITON_INTERPRET=1 set before triton is imported"
         return Decision("unavailable", f"{ENV_VAR}=triton but {missing}")
-    return Decision("torch", f"{device.type} tensor: Triton kernels run on CUDA only (set TRITON_INTERPRET=1 to interpret them)")
+    return Decision("torch", f"{device_type} tensor: Triton kernels run on CUDA only (set TRITON_INTERPRET=1 to interpret them)")
 
 
 def select(op: str, *tensors: torch.Tensor) -> str:
@@ -92,8 +111,8 @@ def select(op: str, *tensors: torch.Tensor) -> str:
     tensors share it.  Raises ``RuntimeError`` when Triton is forced but
     cannot run, naming the op and the missing piece.
     """
-    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    decision = decide(device)
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+    decision = _decide(*_key(device.type if device is not None else "cpu"))
     if decision.path == "unavailable":
         raise RuntimeError(f"leedl_fast.ops.{op}: {decision.reason}")
     return decision.path

@@ -416,22 +416,25 @@ def _fold(q, k, v, mask):
 def _flash(q, k, v, causal: bool, mask, scale: float):
     """ATen's fused CPU forward on (B, Hq, N, D) q and (B, Hkv, Nk, D) k, v: (o, lse) in q's head
     layout.  ``causal`` is the kernel's flag: top-left aligned (query i sees keys j <= i)."""
-    b, hq, nq, d = q.shape
-    qf, kf, vf, mf, _ = _fold(q, k, v, mask)
+    qf, kf, vf, mf, folded = _fold(q, k, v, mask)
     of, lf = _cpu_flash(qf, kf, vf, 0.0, causal, attn_mask=mf, scale=scale)
+    if not folded:
+        return of, lf
+    b, hq, nq, d = q.shape
     return of.reshape(b, hq, nq, d), lf.reshape(b, hq, nq)
 
 
 def _flash_bwd(do, q, k, v, o, lse, causal: bool, mask, scale: float):
     """ATen's fused CPU backward: (dq, dk, dv), dk and dv with k's (B, Hkv, Nk, D) shape."""
+    qf, kf, vf, mf, folded = _fold(q, k, v, mask)
+    if not folded:
+        return _cpu_flash_bwd(do, q, k, v, o, lse, 0.0, causal, attn_mask=mf, scale=scale)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    qf, kf, vf, mf, folded = _fold(q, k, v, mask)
     gq, gk, gv = _cpu_flash_bwd(do.reshape(qf.shape), qf, kf, vf, o.reshape(qf.shape), lse.reshape(qf.shape[:3]),
                                 0.0, causal, attn_mask=mf, scale=scale)
-    if folded:
-        gk = gk.view(b, hkv, hq // hkv, nk, d).sum(2)
-        gv = gv.view(b, hkv, hq // hkv, nk, d).sum(2)
+    gk = gk.view(b, hkv, hq // hkv, nk, d).sum(2)
+    gv = gv.view(b, hkv, hq // hkv, nk, d).sum(2)
     return gq.reshape(b, hq, nq, d), gk, gv
 
 
@@ -907,14 +910,38 @@ def _backward(ctx, do, _dlse):
 torch.library.register_autograd("leedl_fast::attention_fwd", _backward, setup_context=_setup_context)
 
 
+def _one_call(q, k, kpm, left, right, dropout_p):
+    """``(causal, mask)`` when the eager PyTorch path is one call of ATen's fused CPU kernel (on the CPU, no
+    dropout, a band that is dense, or causal with Nq == Nk), else None.  That call gives a row whose keys are
+    all padded o = 0 and lse = 0, so zero gradients in its backward: nothing to patch up."""
+    if dropout_p > 0 or q.device.type != "cpu":
+        return None
+    nq, nk = q.shape[2], k.shape[2]
+    left, right = _effective_band(nq, nk, left, right)
+    if left >= 0 or (right >= 0 and not (right == 0 and nq == nk)):
+        return None
+    return right == 0, _pad_additive(kpm, 0, nk, q.dtype)
+
+
 class _EagerTorchAttention(torch.autograd.Function):
     """The custom ops' PyTorch implementations and autograd formula, called without torch.library's
     dispatch: in eager mode on the PyTorch path that dispatch costs about 0.1 ms a call on the
     2-core development machine, as much as the whole op at the sizes of a decoding step.  The
-    elementwise ops skip it the same way; torch.compile traces the custom op."""
+    elementwise ops skip it the same way; torch.compile traces the custom op.  A problem that is one
+    call of ATen's kernel (``_one_call``) skips the layout bookkeeping the custom ops need for their fake
+    implementations too (lse stays internal, in the kernel's own layout): about 0.2 ms a forward and
+    backward at small sizes."""
 
     @staticmethod
     def forward(ctx, q, k, v, kpm, seed, scale, left, right, dropout_p):
+        one = _one_call(q, k, kpm, left, right, dropout_p)
+        if one is not None:
+            causal, mask = one
+            q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+            o, lse = _flash(q, k, v, causal, mask, scale)
+            ctx.save_for_backward(q, k, v, o, lse, mask)
+            ctx.args = (causal, scale)
+            return o
         o, lse = _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse, kpm)
         ctx.args = (seed, scale, left, right, dropout_p)
@@ -923,10 +950,22 @@ class _EagerTorchAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
+        if len(ctx.args) == 2:
+            q, k, v, o, lse, mask = ctx.saved_tensors
+            causal, scale = ctx.args
+            dq, dk, dv = _flash_bwd(_unit_last(do.to(o.dtype)), q, k, v, o, lse, causal, mask, scale)
+            return dq, dk, dv, None, None, None, None, None, None
         q, k, v, o, lse, kpm = ctx.saved_tensors
         seed, scale, left, right, dropout_p = ctx.args
         dq, dk, dv = _attention_bwd_torch(do.to(o.dtype), q, k, v, o, lse, kpm, scale, left, right, dropout_p, seed)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _eager_no_grad(q, k, v, kpm, seed, scale, left, right, dropout_p):
+    one = _one_call(q, k, kpm, left, right, dropout_p)
+    if one is not None:
+        return _flash(_unit_last(q), _unit_last(k), _unit_last(v), one[0], one[1], scale)[0]
+    return _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)[0]
 
 
 class _NoScores(torch.autograd.Function):
@@ -1015,7 +1054,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         seed_i = seed_int(seed_t)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerTorchAttention.apply(q, k, v, kpm, seed_i, scale, left, right, dropout_p)
-        return _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed_i)[0]
+        return _eager_no_grad(q, k, v, kpm, seed_i, scale, left, right, dropout_p)
     o, _ = _attention_fwd_op(q, k, v, kpm, seed_t, scale, left, right, dropout_p)
     return o
 
