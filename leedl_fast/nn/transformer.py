@@ -126,15 +126,17 @@ def _check_padding(name: str, kpm, batch: int, n: int, unbatched: bool):
     return kpm
 
 
-def _check_mask(name: str, mask, nq: int, nk: int):
+def _check_mask(name: str, mask, nq: int, nk: int, batch_heads: int | None = None):
+    """``mask`` (nq, nk) or (batch * nhead, nq, nk); ``batch_heads`` checks the leading size where it is known."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         raise ValueError(f"{name} must be a bool or float tensor, got "
                          f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (nq, nk):
-        raise ValueError(f"{name} must have shape ({nq}, {nk}) or (batch * nhead, {nq}, {nk}), "
-                         f"got {tuple(mask.shape)}")
+    lead = "batch * nhead" if batch_heads is None else batch_heads
+    if (mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (nq, nk)
+            or (mask.dim() == 3 and batch_heads is not None and mask.shape[0] != batch_heads)):
+        raise ValueError(f"{name} must have shape ({nq}, {nk}) or ({lead}, {nq}, {nk}), got {tuple(mask.shape)}")
     return mask
 
 
@@ -401,7 +403,7 @@ class TransformerEncoderLayer(nn.Module):
         x, unbatched = _batched(src, "src", self.batch_first, self.d_model)
         n = _seq_len(x, self.batch_first)
         batch = x.shape[0] if self.batch_first else x.shape[1]
-        mask = _check_mask("src_mask", src_mask, n, n)
+        mask = _check_mask("src_mask", src_mask, n, n, batch * self.self_attn.num_heads)
         kpm = _check_padding("src_key_padding_mask", src_key_padding_mask, batch, n, unbatched)
         causal, mask = _resolve_mask(mask, is_causal, n, n)
         if self.norm_first:
@@ -526,13 +528,19 @@ class TransformerDecoderLayer(nn.Module):
                                 ("tgt_key_padding_mask", tgt_key_padding_mask)):
                 if value is not None:
                     raise ValueError(f"{name} is not supported with cache= (decoding with a cache is causal)")
+            if cache.self_k is not None and cache.self_k.shape[0] != batch:
+                raise ValueError(f"cache holds a batch of {cache.self_k.shape[0]} sequences, tgt has {batch}: "
+                                 f"use a new cache per batch")
+            if cache.memory_k is not None and tuple(cache.memory_k.shape[::2]) != (batch, s):
+                raise ValueError(f"memory must be the one of the cache's first call: (batch, length) "
+                                 f"{tuple(cache.memory_k.shape[::2])}, got ({batch}, {s})")
             causal, mask, kpm = True, None, None
             mem_causal, mem_mask = False, None
         else:
-            mask = _check_mask("tgt_mask", tgt_mask, n, n)
+            mask = _check_mask("tgt_mask", tgt_mask, n, n, batch * self.self_attn.num_heads)
             kpm = _check_padding("tgt_key_padding_mask", tgt_key_padding_mask, batch, n, unbatched)
             causal, mask = _resolve_mask(mask, tgt_is_causal, n, n)
-            mem_mask = _check_mask("memory_mask", memory_mask, n, s)
+            mem_mask = _check_mask("memory_mask", memory_mask, n, s, batch * self.multihead_attn.num_heads)
             mem_causal, mem_mask = _resolve_mask(mem_mask, memory_is_causal, n, s)
         if self.norm_first:
             x, h = _add_then_norm(x, self._sa_block(self.norm1(x), causal, mask, kpm, cache), self.dropout1,
@@ -716,8 +724,10 @@ class Transformer(nn.Module):
         batch = src.shape[0 if bf else 1]
         memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
         if isinstance(start, torch.Tensor) and start.is_floating_point():
-            if start.shape[-1] != self.d_model or start.dim() not in (1, 2):
-                raise ValueError(f"start embedding must be (d_model,) or (batch, d_model), got {tuple(start.shape)}")
+            if start.shape[-1] != self.d_model or start.dim() not in (1, 2) or (start.dim() == 2
+                                                                                 and start.shape[0] not in (1, batch)):
+                raise ValueError(f"start embedding must be (d_model,) or (batch, d_model) = ({batch}, {self.d_model}), "
+                                 f"got {tuple(start.shape)}")
             x = start.to(memory.dtype).expand(batch, self.d_model).unsqueeze(1 if bf else 0)
         else:
             if isinstance(start, torch.Tensor):

@@ -599,6 +599,21 @@ def test_errors(torch_path):
         t.generate(x, 0, 0, embed=lambda i, o: None, head=lambda h: None)
     with pytest.raises(ValueError, match="batch size"):
         t(x, torch.randn(3, 4, E))
+    # a 3-D mask's leading size is batch * nhead = 4
+    with pytest.raises(ValueError, match=r"src_mask must have shape \(5, 5\) or \(4, 5, 5\)"):
+        layer(x, src_mask=torch.zeros(3, 5, 5, dtype=torch.bool))
+    dl = TransformerDecoderLayer(E, H, FF)
+    with pytest.raises(ValueError, match=r"memory_mask must have shape \(5, 5\) or \(4, 5, 5\)"):
+        dl(x, x, memory_mask=torch.zeros(2, 5, 5))
+    with pytest.raises(ValueError, match="start embedding"):
+        t.generate(x, torch.randn(3, E), 4, embed=lambda i, o: None, head=lambda h: None)
+    # a cache belongs to one batch and one memory
+    cache = dec.new_cache()
+    dec(x[:1], x, cache=cache)
+    with pytest.raises(ValueError, match="cache holds a batch of 2"):
+        dec(torch.randn(1, 3, E), torch.randn(5, 3, E), cache=cache)
+    with pytest.raises(ValueError, match="memory must be the one of the cache's first call"):
+        dec(x[1:2], x[:4], cache=cache)
 
 
 def test_dropout_is_applied_in_training(torch_path):
