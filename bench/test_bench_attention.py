@@ -153,6 +153,31 @@ def test_dropout_ratio_vs_sdpa(benchmark, shape):
     assert timing.ratio <= 1.2, f"{case}: {timing} > 1.2 (pairs: {[round(x, 2) for x in timing.ratios]})"
 
 
+SMALL_CASES = [(4, 4, 100, "dense"), (4, 4, 100, "causal"), (4, 4, 100, "dropout 0.1"), (1, 1, 8, "dense")]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "B{}H{}N{}-{}".format(*c).replace(" ", ""))
+def test_small_sizes_ratio_vs_sdpa(benchmark, case):
+    """Forward + backward at the sizes of a course exercise or a decoding step, against SDPA, alternating
+    (60 pairs; 300 at N = 8).  Recorded, not asserted: here per-call overheads (Python, and the Philox rounds
+    with dropout) weigh as much as the work, and the issue's 1.2x is not met everywhere (the README's CPU
+    table has the figures); the asserted requirement is at the sizes above."""
+    b, h, n, kind = case
+    q, k, v, do = _inputs(b, h, n, 64)
+    kw_ours = {"causal": True} if kind == "causal" else ({"dropout_p": 0.1} if kind.startswith("dropout") else {})
+    kw_sdpa = {"is_causal": True} if kind == "causal" else kw_ours
+    ours = lambda: attention(q, k, v, **kw_ours)  # noqa: E731
+    sdpa = lambda: _sdpa(q, k, v, **kw_sdpa)  # noqa: E731
+    timing = alternating_ratio(lambda: _step(ours, do, (q, k, v)), lambda: _step(sdpa, do, (q, k, v)),
+                               pairs=300 if n <= 8 else 60, warmup=5)
+    label = f"B{b} H{h} N{n} D64 {kind}"
+    benchmark.group = "attention fwd+bwd ratio ours / sdpa at small sizes (median of alternating pairs)"
+    benchmark.extra_info.update(case=label, ratio=timing.ratio, ours_s=timing.ours_s, sdpa_s=timing.peer_s,
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(lambda: _step(ours, do, (q, k, v)), rounds=1, warmup_rounds=0)
+    print(f"\n{label}: {timing}")
+
+
 @pytest.mark.parametrize("impl", ["leedl_fast", "sdpa_bool_mask"])
 def test_banded_fwd_bwd(benchmark, impl):
     n, window = 8192, (128, 128)

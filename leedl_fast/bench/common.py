@@ -57,7 +57,7 @@ class PairedTiming:
         import statistics
 
         return (f"ours / peer = {self.ratio:.2f} (median of {len(self.ratios)} alternating pairs; ours "
-                f"{statistics.median(self.ours_s) * 1e3:.0f} ms, peer {statistics.median(self.peer_s) * 1e3:.0f} ms)")
+                f"{statistics.median(self.ours_s) * 1e3:.3g} ms, peer {statistics.median(self.peer_s) * 1e3:.3g} ms)")
 
 
 def alternating_ratio(ours: Callable[[], Any], peer: Callable[[], Any], *, pairs: int = 12,
