@@ -601,7 +601,7 @@ class TransformerDecoder(nn.Module):
         out = tgt
         causal = bool(tgt_is_causal)
         ours = all(isinstance(layer, TransformerDecoderLayer) for layer in self.layers)
-        batch_first = _layer_batch_first(self.layers[0]) if self.layers else self._batch_first
+        batch_first = _layer_batch_first(self.layers[0]) if self.layers else getattr(self, "_batch_first", False)
         if cache is not None:
             if not isinstance(cache, DecoderCache) or len(cache.layers) != len(self.layers):
                 raise ValueError("cache must be a DecoderCache made by this decoder's new_cache()")

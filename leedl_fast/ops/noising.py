@@ -608,6 +608,8 @@ def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     """One DDIM step from ``t`` to ``prev_t`` (-1: to abar = ``final_alpha_cumprod``) in one elementwise
     kernel; noise (``noise`` or Philox of ``seed``) scaled by eta * sigma when eta > 0.  Equal to diffusers'
     DDIMScheduler.step (use_clipped_model_output=False) given the same noise."""
+    if prev_t is None:
+        raise ValueError("prev_t must be an int in [-1, t), got None (DDIM steps skip timesteps: say which)")
     t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")

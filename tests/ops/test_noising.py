@@ -331,6 +331,8 @@ def test_errors():
         ddpm_step(x0, 1000, x0, ac)
     with pytest.raises(ValueError, match="prev_t"):
         ddim_step(x0, 5, x0, ac, prev_t=7)
+    with pytest.raises(ValueError, match="prev_t"):
+        ddim_step(x0, 5, x0, ac, prev_t=None)
     with pytest.raises(ValueError, match="eta"):
         ddim_step(x0, 5, x0, ac, prev_t=3, eta=-0.1)
     with pytest.raises(ValueError, match="model_output has shape"):
