@@ -210,6 +210,7 @@ def _check_bench_args(ns) -> None:
         unknown = [o for o in ns.ops if o not in known]
         if unknown:
             raise UsageError(f"unknown op(s) {', '.join(unknown)}; choose from: {', '.join(sorted(known))}")
+    prepare_out_dir(ns.out)         # created here, so a folder that cannot be is a one-line error
 
 
 def _cmd_bench(ns) -> int:

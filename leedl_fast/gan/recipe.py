@@ -79,8 +79,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class GANRecipe:
-    sample_suffixes = IMAGE_SUFFIXES
     """Class-conditional GAN on the 8x8 digits (see the module docstring)."""
+
+    sample_suffixes = IMAGE_SUFFIXES
 
     name = "gan"
     defaults = {"steps": 1500, "batch_size": 64, "lr": 2e-4}
@@ -179,8 +180,9 @@ class _Unpaired(torch.utils.data.Dataset):
 
 
 class CycleGANRecipe:
-    sample_suffixes = IMAGE_SUFFIXES
     """CycleGAN between digits (A) and thickened digits (B) (see the module docstring)."""
+
+    sample_suffixes = IMAGE_SUFFIXES
 
     name = "cyclegan"
     # lr 1e-3 instead of the original 2e-4: the demo has ~1000 steps, not ~200 epochs

@@ -147,6 +147,22 @@ def test_bench_delegates_to_the_runner(capsys, fake_runner, tmp_path):
     assert fake_runner[1].quick is False and fake_runner[1].ops is None and fake_runner[1].out == Path("bench_out")
 
 
+def test_bench_out_that_cannot_be_created(capsys, fake_runner, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, _, err = run_main(capsys, "bench", "--quick", "--out", blocker / "sub")
+    assert_user_error(rc, err, "cannot create the directory")
+    assert blocker.read_text() == "x"
+
+
+def test_recipe_help_has_its_description(capsys):
+    for name in ("gan", "cyclegan", "diffusion", "transformer"):
+        cls = cli.resolve_recipe(name)
+        assert cls.__doc__, name
+        description = cli.recipe_parser("train", name, cls).description
+        assert description and description.startswith(cls.__doc__.strip().split("\n")[0]), name
+
+
 def test_bench_user_errors(capsys, fake_runner, tmp_path):
     rc, _, err = run_main(capsys, "bench", "--ops", "softmax,warp_drive", "--out", tmp_path)
     assert_user_error(rc, err, "unknown op(s) warp_drive", "softmax")
