@@ -41,6 +41,9 @@ NULL_CLASS = NUM_CLASSES  # the "no label" token of classifier-free guidance
 
 
 class DiffusionRecipe:
+    """Class-conditional diffusion on the 8x8 digits: a small UNet, its EMA, and a digit classifier that scores
+    the samples (see the module docstring)."""
+
     name = "diffusion"
     sample_suffixes = IMAGE_SUFFIXES
     defaults = {"steps": 500, "batch_size": 128, "lr": 2e-3}
