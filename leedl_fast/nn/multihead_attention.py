@@ -76,11 +76,10 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def _bool_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """A mask as bool (True = masked out) when it is bool or a float mask of only 0 / -inf; else None."""
+    """A mask (bool or float: ``_check`` refuses the rest) as bool (True = masked out) when it is bool or a
+    float mask of only 0 / -inf; else None."""
     if mask.dtype == torch.bool:
         return mask
-    if not mask.dtype.is_floating_point:
-        raise ValueError(f"masks must be bool or floating point, got {mask.dtype}")
     neg = torch.isneginf(mask)
     if bool(((mask == 0) | neg).all()):
         return neg

@@ -934,38 +934,36 @@ class _EagerTorchAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kpm, seed, scale, left, right, dropout_p):
-        one = _one_call(q, k, kpm, left, right, dropout_p)
-        if one is not None:
-            causal, mask = one
-            q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-            o, lse = _flash(q, k, v, causal, mask, scale)
-            ctx.save_for_backward(q, k, v, o, lse, mask)
-            ctx.args = (causal, scale)
-            return o
-        o, lse = _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, kpm)
-        ctx.args = (seed, scale, left, right, dropout_p)
+        o, saved, ctx.args = _eager_fwd(q, k, v, kpm, seed, scale, left, right, dropout_p)
+        ctx.save_for_backward(*saved)
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        if len(ctx.args) == 2:
+        one_call, *args = ctx.args
+        if one_call:
             q, k, v, o, lse, mask = ctx.saved_tensors
-            causal, scale = ctx.args
+            causal, scale = args
             dq, dk, dv = _flash_bwd(_unit_last(do.to(o.dtype)), q, k, v, o, lse, causal, mask, scale)
-            return dq, dk, dv, None, None, None, None, None, None
-        q, k, v, o, lse, kpm = ctx.saved_tensors
-        seed, scale, left, right, dropout_p = ctx.args
-        dq, dk, dv = _attention_bwd_torch(do.to(o.dtype), q, k, v, o, lse, kpm, scale, left, right, dropout_p, seed)
+        else:
+            q, k, v, o, lse, kpm = ctx.saved_tensors
+            seed, scale, left, right, dropout_p = args
+            dq, dk, dv = _attention_bwd_torch(do.to(o.dtype), q, k, v, o, lse, kpm, scale, left, right, dropout_p,
+                                              seed)
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _eager_no_grad(q, k, v, kpm, seed, scale, left, right, dropout_p):
+def _eager_fwd(q, k, v, kpm, seed, scale, left, right, dropout_p):
+    """The eager forward: ``(o, tensors the backward needs, (one_call, *its arguments))``."""
     one = _one_call(q, k, kpm, left, right, dropout_p)
     if one is not None:
-        return _flash(_unit_last(q), _unit_last(k), _unit_last(v), one[0], one[1], scale)[0]
-    return _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)[0]
+        causal, mask = one
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        o, lse = _flash(q, k, v, causal, mask, scale)
+        return o, (q, k, v, o, lse, mask), (True, causal, scale)
+    o, lse = _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)
+    return o, (q, k, v, o, lse, kpm), (False, seed, scale, left, right, dropout_p)
 
 
 class _NoScores(torch.autograd.Function):
@@ -1054,7 +1052,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         seed_i = seed_int(seed_t)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerTorchAttention.apply(q, k, v, kpm, seed_i, scale, left, right, dropout_p)
-        return _eager_no_grad(q, k, v, kpm, seed_i, scale, left, right, dropout_p)
+        return _eager_fwd(q, k, v, kpm, seed_i, scale, left, right, dropout_p)[0]
     o, _ = _attention_fwd_op(q, k, v, kpm, seed_t, scale, left, right, dropout_p)
     return o
 
