@@ -72,6 +72,12 @@ result differs and allocates a buffer only where it writes into one, so the
 dense CPU path's peak memory is SDPA's (measured in ``bench/``).  The seed
 travels as a 0-d int64 tensor so that a compiled graph can draw it.
 
+A backward taken with ``create_graph=True`` (a gradient penalty, a Hessian-vector
+product) still runs the fused backward, wrapped in ``_AttentionGrads``, whose own
+backward differentiates the same gradient formula written as dense PyTorch math
+(``_grads_dense``, O(Nq * Nk) memory per head); that one is differentiable again,
+so every order works.  A first-order backward never reaches the dense math.
+
 The torch path (CPU fallback)
 -----------------------------
 * Without dropout it runs ATen's fused CPU attention kernels
@@ -845,6 +851,71 @@ def _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, p, seed):
     return _bwd_fused_cpu(do, q, k, v, o, lse, kpm, scale, left, right, *layouts)
 
 
+# ----------------------------------------------------------------------------- second order
+
+def _grads_dense(do, q, k, v, kpm, seed, scale, left, right, p):
+    """(dq, dk, dv) of attention for the upstream gradient ``do``, as differentiable PyTorch math on the
+    dense (B, Hq, Nq, Nk) scores in float32 (float64 for float64 inputs): the first backward written
+    so that autograd can differentiate it (``_AttentionGrads``).  Same formula as ``_bwd_math``; empty
+    rows give zeros without a NaN anywhere in the graph (the row maximum is a detached constant)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, do = (t.to(acc) for t in (q, k, v, do))
+    kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)          # [B, Hq, Nk, D]
+    s = (q @ kk.transpose(-1, -2)) * scale                                         # [B, Hq, Nq, Nk]
+    s = s.masked_fill(~_visible_mask(nq, nk, left, right, kpm, q.device), float("-inf"))
+    e = torch.exp(s - _finite(s.detach().amax(-1, keepdim=True)))                  # exp(-inf) = 0, and so its grad
+    den = e.sum(-1, keepdim=True)
+    prob = e / torch.where(den == 0, torch.ones_like(den), den)
+    mult = None
+    if p > 0:
+        mult = _dropout_keep(seed, q, nk, 0, nq, 0, nk, p).to(acc) * dropout_scale(p)
+    dv = (prob if mult is None else prob * mult).transpose(-1, -2) @ do            # [B, Hq, Nk, D]
+    dprob = do @ vv.transpose(-1, -2)
+    if mult is not None:
+        dprob = dprob * mult
+    ds = prob * (dprob - (dprob * prob).sum(-1, keepdim=True))
+    dq = (ds @ kk) * scale
+    dk = (ds.transpose(-1, -2) @ q) * scale
+
+    def per_kv_head(t):
+        return t.reshape(b, hkv, g, nk, d).sum(2)
+
+    return dq, per_kv_head(dk), per_kv_head(dv)
+
+
+class _AttentionGrads(torch.autograd.Function):
+    """The first backward, ``(do, q, k, v) -> (dq, dk, dv)``, as a function autograd can differentiate:
+    used only when a backward runs with ``create_graph=True`` (a gradient penalty such as WGAN-GP's
+    through a discriminator with self-attention, a Hessian-vector product).  Its forward is the fused
+    backward (``first``, a closure over the saved tensors); its own backward differentiates
+    ``_grads_dense``, which holds the dense (B, Hq, Nq, Nk) scores: O(Nq * Nk) memory per head, in the
+    second derivative only.  That backward is itself differentiable, so every order works."""
+
+    @staticmethod
+    def forward(ctx, do, q, k, v, first, problem):
+        ctx.save_for_backward(do, q, k, v)
+        ctx.problem = problem
+        return first()
+
+    @staticmethod
+    def backward(ctx, ddq, ddk, ddv):
+        higher = torch.is_grad_enabled()           # a third derivative will be taken
+        with torch.enable_grad():
+            # Fresh aliases, so that the vector-Jacobian product treats (do, q, k, v) as independent
+            # (do may depend on q through the outer graph); differentiable back to the originals.
+            xs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in ctx.saved_tensors]
+            grads = _grads_dense(*xs, *ctx.problem)
+            used = [(gr, dd) for gr, dd in zip(grads, (ddq, ddk, ddv)) if dd is not None]
+            if not used:
+                return (None,) * 6
+            outs, gouts = zip(*used)
+            d = torch.autograd.grad(outs, xs, gouts, allow_unused=True, create_graph=higher)
+        return (*(None if t is None else t.to(x.dtype) for t, x in zip(d, xs)), None, None)
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 def _use_triton(q: torch.Tensor) -> bool:
@@ -903,7 +974,16 @@ def _backward(ctx, do, _dlse):
     scale, left, right, dropout_p = ctx.args
     if do is None:
         return (None,) * 9
-    dq, dk, dv = _attention_bwd_op(do.to(o.dtype), q, k, v, o, lse, kpm, seed, scale, left, right, dropout_p)
+    do = do.to(o.dtype)
+
+    def first():
+        return _attention_bwd_op(do, q, k, v, o, lse, kpm, seed, scale, left, right, dropout_p)
+
+    if torch.is_grad_enabled():   # create_graph=True: the gradients must be differentiable
+        dq, dk, dv = _AttentionGrads.apply(do, q, k, v, first,
+                                           (kpm, seed_int(seed), scale, left, right, dropout_p))
+    else:
+        dq, dk, dv = first()
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -934,36 +1014,43 @@ class _EagerTorchAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kpm, seed, scale, left, right, dropout_p):
-        o, saved, ctx.args = _eager_fwd(q, k, v, kpm, seed, scale, left, right, dropout_p)
-        ctx.save_for_backward(*saved)
+        o, saved, ctx.one_call = _eager_fwd(q, k, v, kpm, seed, scale, left, right, dropout_p)
+        ctx.save_for_backward(q, k, v, o, *saved)
+        ctx.problem = (kpm, seed, scale, left, right, dropout_p)
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        one_call, *args = ctx.args
-        if one_call:
-            q, k, v, o, lse, mask = ctx.saved_tensors
-            causal, scale = args
-            dq, dk, dv = _flash_bwd(_unit_last(do.to(o.dtype)), q, k, v, o, lse, causal, mask, scale)
+        q, k, v, o, *saved = ctx.saved_tensors
+        do = do.to(o.dtype)
+        kpm, seed, scale, left, right, dropout_p = ctx.problem
+
+        def first():
+            if ctx.one_call is not None:
+                lse, mask = saved
+                return _flash_bwd(_unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v), o, lse,
+                                  ctx.one_call, mask, scale)
+            (lse,) = saved
+            return _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, dropout_p, seed)
+
+        if torch.is_grad_enabled():   # create_graph=True: the gradients must be differentiable
+            dq, dk, dv = _AttentionGrads.apply(do, q, k, v, first, ctx.problem)
         else:
-            q, k, v, o, lse, kpm = ctx.saved_tensors
-            seed, scale, left, right, dropout_p = args
-            dq, dk, dv = _attention_bwd_torch(do.to(o.dtype), q, k, v, o, lse, kpm, scale, left, right, dropout_p,
-                                              seed)
+            dq, dk, dv = first()
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def _eager_fwd(q, k, v, kpm, seed, scale, left, right, dropout_p):
-    """The eager forward: ``(o, tensors the backward needs, (one_call, *its arguments))``."""
+    """The eager forward: ``(o, what the backward needs besides q, k, v and o, causal)``.  ``causal`` is
+    None unless the problem is one call of ATen's kernel (``_one_call``), whose backward needs the
+    kernel's lse and additive mask; the general backward needs lse."""
     one = _one_call(q, k, kpm, left, right, dropout_p)
     if one is not None:
         causal, mask = one
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        o, lse = _flash(q, k, v, causal, mask, scale)
-        return o, (q, k, v, o, lse, mask), (True, causal, scale)
+        o, lse = _flash(_unit_last(q), _unit_last(k), _unit_last(v), causal, mask, scale)
+        return o, (lse, mask), causal
     o, lse = _attention_fwd_torch(q, k, v, kpm, scale, left, right, dropout_p, seed)
-    return o, (q, k, v, o, lse, kpm), (False, seed, scale, left, right, dropout_p)
+    return o, (lse,), None
 
 
 class _NoScores(torch.autograd.Function):
@@ -1039,6 +1126,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     ATen's fused CPU attention kernels, over blocks of query rows for a band (O(N * w)).  On GPU,
     float32 inputs use TF32 tensor-core products (``tl.dot``), so float32 results carry about
     1e-3 relative error there.  Deterministic: the same inputs and seed give the same bits.
+    Differentiable any number of times (the second derivative by dense math, see the module docstring).
     """
     left, right = _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, seed)
     if q.shape[2] == 0 or k.shape[2] == 0:

@@ -557,3 +557,92 @@ def test_right_bounded_split_with_empty_parts_torch(torch_path, nq, nk, right):
         assert not torch.isnan(t).any()
 
 
+
+
+# ------------------------------------------------------------------------------ second derivatives
+
+SECOND_ORDER = [
+    dict(),                                          # one call of ATen's kernel in the first backward
+    dict(causal=True),
+    dict(window=(2, 1)),                             # the blocked band
+    dict(window=(-1, 1)),                            # right-bounded split
+    dict(dropout_p=0.3, seed=5),                     # plain math with the Philox mask
+    dict(causal=True, dropout_p=0.2, seed=9),
+]
+
+
+@pytest.mark.parametrize("pad", [None, "random"])
+@pytest.mark.parametrize("kw", SECOND_ORDER, ids=str)
+def test_double_backward_torch(torch_path, kw, pad):
+    """gradgradcheck (float64 finite differences of the first backward): gradient penalties and
+    Hessian-vector products through the op; GQA, Nq != Nk, a fully padded batch row."""
+    q, k, v, _, kpm = _inputs(2, 2, 1, 5, 6, 16, pad=pad, seed=1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradgradcheck(lambda q, k, v: attention(q, k, v, key_padding_mask=kpm, **kw), (q, k, v))
+
+
+@pytest.mark.parametrize("kw", [dict(left=-1, right=-1, p=0.0), dict(left=2, right=0, p=0.25)], ids=str)
+def test_double_backward_custom_op(torch_path, kw):
+    """The registered autograd formula (what torch.compile and the Triton path use) is differentiable too."""
+    q, k, v, _, kpm = _inputs(1, 2, 2, 4, 6, 16, pad="random", seed=2)
+    seed = attn_mod.dropout_seed(11, kw["p"])
+
+    def f(q, k, v):
+        return attn_mod._attention_fwd_op(q, k, v, kpm, seed, 0.25, kw["left"], kw["right"], kw["p"])[0]
+
+    assert torch.autograd.gradgradcheck(f, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+def _second_order(fn, q, k, v, do, w):
+    """d/d(q, k, v) of <w, dq> with dq = d<do, fn(q, k, v)>/dq: one Hessian-vector product."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    (dq,) = torch.autograd.grad(fn(q, k, v), q, do, create_graph=True)
+    return torch.autograd.grad((dq * w).sum(), (q, k, v))
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window=(3, 2), dropout_p=0.2, seed=4)], ids=str)
+def test_double_backward_triton(triton_path, kw):
+    """The Triton path's first backward with the dense second derivative, in float32, vs the float64 reference."""
+    device = triton_path
+    q, k, v, do, _ = _inputs(1, 2, 1, 9, 11, 16, seed=3)
+    w = torch.randn(q.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    want = _second_order(lambda q, k, v: attention_reference(q, k, v, **kw), q, k, v, do, w)
+    f32 = [t.to(device, torch.float32) for t in (q, k, v, do, w)]
+    got = _second_order(lambda q, k, v: attention(q, k, v, **kw), *f32)
+    for g, r, name in zip(got, want, ("q", "k", "v")):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(window=(1, 2), dropout_p=0.3, seed=2)], ids=str)
+def test_third_derivative_torch(torch_path, kw):
+    """The second derivative's own backward is differentiable: a third derivative against the reference's."""
+    q, k, v, do, _ = _inputs(1, 2, 1, 4, 5, 16, seed=6)
+
+    def third(fn):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        (dq,) = torch.autograd.grad(fn(qq, kk, vv), qq, do, create_graph=True)
+        (dk,) = torch.autograd.grad(dq.square().sum(), kk, create_graph=True)
+        return torch.autograd.grad(dk.sum(), (qq, vv))
+
+    got = third(lambda q, k, v: attention(q, k, v, **kw))
+    want = third(lambda q, k, v: attention_reference(q, k, v, **kw))
+    for g, r, name in zip(got, want, ("q", "v")):
+        assert r.abs().max() > 0
+        assert_close(g, r, dtype=F64, name=name)
+
+
+def test_first_backward_never_builds_dense_scores(torch_path, monkeypatch):
+    """Only a backward with create_graph=True reaches the dense second-derivative math."""
+    def dense(*args):
+        raise AssertionError("dense second-derivative path used by a first-order backward")
+
+    monkeypatch.setattr(attn_mod, "_grads_dense", dense)
+    q, k, v, do, kpm = _inputs(2, 2, 1, 7, 9, 16, pad="random")
+    for kw in (dict(), dict(window=(2, 3), dropout_p=0.1, seed=1)):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        attention(qq, kk, vv, key_padding_mask=kpm, **kw).backward(do)
+        o, _ = attn_mod._attention_fwd_op(qq, kk, vv, kpm, None, 0.25, -1, 0, 0.0)
+        o.backward(do)
+    (dq,) = torch.autograd.grad(attention(qq, kk, vv), qq, do, create_graph=True)   # the fused first backward
+    with pytest.raises(AssertionError, match="dense"):
+        dq.sum().backward()
