@@ -15,8 +15,8 @@ one step trains; this module does everything around it:
 * checkpoints every ``--checkpoint-every`` steps and at the end, written
   atomically (``leedl_fast.checkpoint``), holding the models, the optimisers,
   ``recipe.state_dict()``, the step, every rank's RNG states and the position in
-  the data, so ``--resume`` continues a run to the very same weights as a run
-  that was never interrupted;
+  the data (examples consumed in the epoch), so ``--resume`` continues a run to the
+  very same weights as a run that was never interrupted;
 * under ``torchrun`` (``WORLD_SIZE`` > 1): ``init_process_group`` (nccl on GPUs,
   gloo on the CPU), one device per process, models with trainable parameters
   wrapped in ``DistributedDataParallel``; only rank 0 writes files.
@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# Arguments whose change on --resume makes the run differ from an uninterrupted one (a recipe adds its
+# own in ``args_that_change_results``, e.g. "steps" where the learning-rate schedule or the data depend on it).
 _ARG_KEYS_THAT_CHANGE_RESULTS = ("seed", "batch_size", "lr")
 
 
@@ -400,6 +402,8 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=loader_gen, num_workers=0, pin_memory=device.type == "cuda")
 
+    # The position in the data is the number of examples this rank consumed in the epoch, so a resumed
+    # run with another --batch-size continues where the checkpoint stopped.
     step, epoch, in_epoch = 0, 0, 0
     history: list[tuple[int, dict]] = []
     seed_everything(_derived_seed(seed, info.rank))
@@ -408,10 +412,14 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
         _load_states(payload, models, optimizers, recipe, resume_from)
         step = int(payload["step"])
         data = payload.get("data", {})
-        epoch, in_epoch = int(data.get("epoch", 0)), int(data.get("batch_in_epoch", 0))
+        epoch = int(data.get("epoch", 0))
+        # Older checkpoints counted batches (of their own batch size) instead of examples.
+        in_epoch = int(data.get("sample_in_epoch",
+                                int(data.get("batch_in_epoch", 0)) * int(data.get("batch_size", args.batch_size))))
         history = [(int(s), dict(l)) for s, l in payload.get("history", [])]
         saved_args = payload.get("args", {})
-        changed = [k for k in _ARG_KEYS_THAT_CHANGE_RESULTS
+        keys = dict.fromkeys((*_ARG_KEYS_THAT_CHANGE_RESULTS, *getattr(recipe, "args_that_change_results", ())))
+        changed = [k for k in keys
                    if k in saved_args and saved_args[k] != _json_args(args).get(k)]
         if data.get("world_size", 1) != info.world_size:
             changed.append(f"world size ({data.get('world_size')} -> {info.world_size})")
@@ -457,7 +465,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "recipe_state": recipe.state_dict(),
             "rng": rngs,
-            "data": {"epoch": epoch, "batch_in_epoch": in_epoch, "world_size": info.world_size,
+            "data": {"epoch": epoch, "sample_in_epoch": in_epoch, "world_size": info.world_size,
                      "batch_size": int(args.batch_size), "seed": seed},
             "history": [[s, l] for s, l in history],
             "args": _json_args(args),
@@ -482,14 +490,14 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
     try:
         while step < steps:
             sampler.set_epoch(epoch)
-            sampler.skip = in_epoch * args.batch_size
+            sampler.skip = in_epoch
             loader_gen.manual_seed(seed + epoch)  # the loader's own draws never touch the global RNG
             for batch in loader:
                 batch = _to_device(batch, device)
                 losses = recipe.train_step(models, optimizers, batch, step, args)
                 losses = {k: float(v) for k, v in (losses or {}).items()}
                 step += 1
-                in_epoch += 1
+                in_epoch += args.batch_size
                 history.append((step, losses))
                 for k, v in losses.items():
                     running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v

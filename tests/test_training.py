@@ -70,7 +70,7 @@ def test_outputs(reference):
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["seen"] == 80 and set(saved["final_losses"]) == {"mse", "ema"}
     payload = _final(out)
-    assert payload["step"] == 10 and payload["data"] == {"epoch": 1, "batch_in_epoch": 5, "world_size": 1,
+    assert payload["step"] == 10 and payload["data"] == {"epoch": 1, "sample_in_epoch": 40, "world_size": 1,
                                                           "batch_size": 8, "seed": 0}
     assert payload["recipe_state"]["seen"] == 80
     assert len(payload["history"]) == 10 and payload["history"][0][0] == 1
@@ -135,6 +135,81 @@ def test_resume_at_the_end_trains_nothing(reference, tmp_path):
     results = _train(ToyRecipe(), _args(out, steps=4, resume=True))
     assert results["steps"] == 4
     _assert_equal_states(before["models"], _final(out)["models"])
+
+
+class _Recording(ToyRecipe):
+    """The toy recipe, keeping the inputs of every batch it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def train_step(self, models, optimizers, batch, step, args):
+        self.inputs.append(batch[0].clone())
+        return super().train_step(models, optimizers, batch, step, args)
+
+
+def test_resume_with_another_batch_size_goes_on_from_the_next_example(tmp_path):
+    """3 batches of 8 (24 of the epoch's 40 examples), then batches of 4: the next example is the 25th of the
+    uninterrupted order, and the epoch ends after the 40th (4 more steps), before the next epoch starts."""
+    uninterrupted = _Recording()
+    _train(uninterrupted, _args(tmp_path / "a", steps=10, batch_size=4))  # epoch 0's order, 4 at a time
+    order = torch.cat(uninterrupted.inputs)
+    first, resumed = _Recording(), _Recording()
+    _train(first, _args(tmp_path / "b", steps=3, batch_size=8))
+    _train(resumed, _args(tmp_path / "b", steps=8, batch_size=4, resume=True))
+    assert len(resumed.inputs) == 5
+    assert torch.equal(torch.cat(first.inputs), order[:24])
+    assert torch.equal(torch.cat(resumed.inputs[:4]), order[24:40])
+    payload = _final(tmp_path / "b")
+    assert payload["data"]["epoch"] == 1 and payload["data"]["sample_in_epoch"] == 4
+    assert not any(torch.equal(resumed.inputs[4], order[i:i + 4]) for i in range(24, 40, 4))
+
+
+def test_resume_reads_the_older_batch_count(reference, tmp_path):
+    """Checkpoints written before the position counted examples stored ``batch_in_epoch`` batches."""
+    out = tmp_path / "run"
+    _train(ToyRecipe(), _args(out, steps=7))                 # 5 batches of epoch 0, 2 of epoch 1
+    header, payload = ckpt.load(out / training.CHECKPOINT_NAME, recipe="toy")
+    data = payload["data"]
+    assert data["sample_in_epoch"] == 16
+    payload["data"] = {**{k: v for k, v in data.items() if k != "sample_in_epoch"}, "batch_in_epoch": 2}
+    ckpt.save(out / training.CHECKPOINT_NAME, payload, recipe="toy")
+    _train(ToyRecipe(), _args(out, resume=True))
+    _assert_equal_states(_final(reference[0])["models"], _final(out)["models"])
+
+
+class _StepsMatter(ToyRecipe):
+    args_that_change_results = ("steps",)
+
+
+@pytest.mark.parametrize("recipe,change,warns", [
+    (ToyRecipe, dict(), None),
+    (ToyRecipe, dict(steps=12), None),
+    (ToyRecipe, dict(lr=2e-2), "lr"),
+    (ToyRecipe, dict(seed=3), "seed"),
+    (ToyRecipe, dict(batch_size=4), "batch_size"),
+    (_StepsMatter, dict(steps=12), "steps"),
+], ids=str)
+def test_resume_warns_when_the_run_will_differ(tmp_path, recipe, change, warns):
+    out = tmp_path / "run"
+    _train(recipe(), _args(out, steps=4))
+    said = []
+    training.train(recipe(), _args(out, resume=True, **{"steps": 10, **change}), progress=False, log=said.append)
+    warnings = [m for m in said if m.startswith("warning: resuming")]
+    if warns is None:
+        assert not warnings, warnings
+    else:
+        assert len(warnings) == 1 and f" {warns} " in warnings[0] + " ", warnings
+
+
+@pytest.mark.parametrize("family,name", [("seq2seq", "TransformerRecipe"), ("diffusion", "DiffusionRecipe")])
+def test_recipes_whose_schedule_depends_on_steps_declare_it(family, name):
+    import importlib
+
+    cls = getattr(importlib.import_module(f"leedl_fast.{family}.recipe"), name)
+    lrs = {cls()._lr(300, argparse.Namespace(steps=steps, lr=1e-3)) for steps in (400, 4000)}
+    assert len(lrs) == 2 and "steps" in cls.args_that_change_results
 
 
 def test_resume_from_explicit_path_and_errors(reference, tmp_path):

@@ -46,6 +46,8 @@ class DiffusionRecipe:
 
     name = "diffusion"
     sample_suffixes = IMAGE_SUFFIXES
+    # --steps sets the learning-rate schedule: a resume with another value warns (leedl_fast.training).
+    args_that_change_results = ("steps",)
     defaults = {"steps": 500, "batch_size": 128, "lr": 2e-3}
     # Further knobs read from args when present (the CLI may not expose them).
     base_channels = 32
