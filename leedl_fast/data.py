@@ -1,14 +1,16 @@
 """Turning raw signals into the vector sequences a Transformer takes."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["frames"]
 
 
 def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 

@@ -373,6 +373,9 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
     if not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive number, got {lr}")
     _check_seed(args)
+    max_seconds = getattr(args, "max_seconds", None)
+    if max_seconds is not None and not float(max_seconds) >= 0:
+        raise UsageError(f"--max-seconds must be >= 0, got {max_seconds}")
     every = getattr(args, "checkpoint_every", None)
     every = max(1, steps // 10) if every is None else int(every)
     if every < 1:
@@ -474,7 +477,6 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
                   extra_header={"step": step, "world_size": info.world_size})
         _write_metrics(out / "metrics.csv", history)
 
-    max_seconds = getattr(args, "max_seconds", None)
     t0 = time.time()
     bar = None
     if main:

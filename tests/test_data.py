@@ -37,3 +37,11 @@ def test_errors():
         frames(torch.randn(500), 16000, hop_ms=-1)
     with pytest.raises(ValueError, match="hop_ms"):
         frames(torch.randn(500), 100, hop_ms=1)  # 0.1 samples
+
+
+@pytest.mark.parametrize("name", ["sample_rate", "window_ms", "hop_ms"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), True, "25"])
+def test_rates_and_durations_must_be_finite_numbers(name, value):
+    kw = {"sample_rate": 16000, "window_ms": 25, "hop_ms": 10, name: value}
+    with pytest.raises(ValueError, match=name):
+        frames(torch.randn(500), kw.pop("sample_rate"), **kw)

@@ -203,6 +203,8 @@ def _cmd_info(ns) -> int:
 
 def _check_bench_args(ns) -> None:
     prepare_out_dir(ns.out, create=False)
+    if ns.ops == []:
+        raise UsageError("--ops names no op (give a comma-separated list, or leave --ops out for all)")
     if ns.ops:
         from ..bench import runner
 
@@ -217,10 +219,7 @@ def _cmd_bench(ns) -> int:
     _check_bench_args(ns)
     from ..bench import runner
 
-    if hasattr(runner, "cli"):
-        return int(runner.cli(argparse.Namespace(quick=ns.quick, ops=ns.ops, out=ns.out)) or 0)
-    argv = (["--quick"] if ns.quick else []) + (["--ops", ",".join(ns.ops)] if ns.ops else []) + ["--out", str(ns.out)]
-    return int(runner.main(argv) or 0)
+    return int(runner.cli(argparse.Namespace(quick=ns.quick, ops=ns.ops, out=ns.out)) or 0)
 
 
 def _recipe_args(command: str, name: str | None, options: list[str]):

@@ -5,36 +5,21 @@ imported: Triton is imported and devices are counted only then.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
 import sys
-import types
 
-# (label shown, where the op may live: (module, function name), in order of preference)
-OPS: list[tuple[str, tuple[tuple[str, str], ...]]] = [
-    ("softmax", (("leedl_fast.ops", "softmax"),)),
-    ("attention", (("leedl_fast.ops", "attention"), ("leedl_fast.ops.attention", "attention"))),
-    ("banded attention", (("leedl_fast.ops", "banded_attention"), ("leedl_fast.ops.attention", "banded_attention"))),
-    ("q_sample", (("leedl_fast.ops", "q_sample"), ("leedl_fast.ops.noising", "q_sample"))),
-    ("noise loss", (("leedl_fast.ops", "noise_prediction_loss"), ("leedl_fast.ops.noising", "noise_prediction_loss"))),
-    ("sampler step", (("leedl_fast.ops", "ddpm_step"), ("leedl_fast.ops.noising", "ddpm_step"),
-                      ("leedl_fast.ops", "ddim_step"), ("leedl_fast.ops.noising", "ddim_step"))),
+# (label shown, the functions of ``leedl_fast.ops`` behind it); every op with a kernel is listed (tested).
+OPS: list[tuple[str, tuple[str, ...]]] = [
+    ("softmax", ("softmax",)),
+    ("attention", ("attention", "banded_attention")),
+    ("bias+act+dropout", ("bias_act_dropout",)),
+    ("dropout+add+LN", ("dropout_add_layer_norm",)),
+    ("q_sample", ("q_sample",)),
+    ("noise loss", ("noise_prediction_loss",)),
+    ("sampler step", ("ddpm_step", "ddim_step", "fused_step")),
 ]
-
-
-def _find(candidates) -> str | None:
-    """``module.function`` of the first candidate that imports and is a function, else None."""
-    for modname, attr in candidates:
-        try:
-            mod = importlib.import_module(modname)
-        except Exception:
-            continue
-        fn = getattr(mod, attr, None)
-        if callable(fn) and not isinstance(fn, types.ModuleType):
-            return f"{modname}.{attr}"
-    return None
 
 
 def _triton() -> dict:
@@ -59,20 +44,15 @@ def collect() -> dict:
             p = torch.cuda.get_device_properties(i)
             devices.append({"device": f"cuda:{i}", "name": p.name, "capability": f"{p.major}.{p.minor}",
                             "memory_gib": round(p.total_memory / 2**30, 1)})
-    op_rows = []
-    for label, candidates in OPS:
-        found = _find(candidates)
-        paths = {}
-        for dev in (["cpu", "cuda"] if cuda else ["cpu"]):
-            if found is None:
-                paths[dev] = {"path": "-", "reason": "not in this build of leedl_fast"}
-                continue
-            try:
-                d = backend.decide(dev)
-                paths[dev] = {"path": d.path, "reason": d.reason}
-            except RuntimeError as exc:  # e.g. a malformed LEEDL_FAST_BACKEND
-                paths[dev] = {"path": "error", "reason": str(exc)}
-        op_rows.append({"op": label, "function": found, "paths": paths})
+    paths = {}
+    for dev in (["cpu", "cuda"] if cuda else ["cpu"]):
+        try:
+            d = backend.decide(dev)
+            paths[dev] = {"path": d.path, "reason": d.reason}
+        except RuntimeError as exc:  # e.g. a malformed LEEDL_FAST_BACKEND
+            paths[dev] = {"path": "error", "reason": str(exc)}
+    op_rows = [{"op": label, "functions": [f"leedl_fast.ops.{name}" for name in names], "paths": paths}
+               for label, names in OPS]
     return {
         "leedl_fast": __version__,
         "python": sys.version.split()[0],

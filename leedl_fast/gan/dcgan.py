@@ -134,7 +134,7 @@ class Generator(nn.Module):
             z = z.flatten(1)
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        x = self.fc(z).view(z.shape[0], -1, *self.base)
+        x = self.fc(z).view(z.shape[0], self.fc_norm.num_features, *self.base)
         x = self.body(torch.relu(self.fc_norm(x)))
         h, w = self.image_size
         top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2

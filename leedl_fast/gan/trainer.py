@@ -26,6 +26,7 @@ so that the frozen forward does not wait for gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -142,11 +143,11 @@ class GANTrainer:
                  mismatch_weight: float = 1.0, latent_distribution: str = "normal"):
         if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
             raise ValueError(f"n_critic must be an int >= 1, got {n_critic!r}")
-        for name, lr in (("lr_g", lr_g), ("lr_d", lr_d)):
-            if not lr > 0:
-                raise ValueError(f"{name} must be > 0, got {lr!r}")
-        if mismatch_weight < 0:
-            raise ValueError(f"mismatch_weight must be >= 0, got {mismatch_weight}")
+        for name, value, low in (("lr_g", lr_g, "> 0"), ("lr_d", lr_d, "> 0"), ("mismatch_weight", mismatch_weight, ">= 0"),
+                                 ("lambda_gp", 0.0 if lambda_gp is None else lambda_gp, ">= 0")):
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not (value > 0 if low == "> 0" else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
         self.criterion = GANLoss(gan_mode)
         sample_latent(0, latent_dim, latent_distribution)  # validates latent_dim and latent_distribution
         self.G, self.D = G, apply_spectral_norm(D) if spectral_norm else D

@@ -26,6 +26,20 @@ def test_generator_and_discriminator_shapes(size, channels):
     assert all(p.grad is not None for p in G.parameters())
 
 
+@pytest.mark.parametrize("attention", [False, True])
+def test_empty_batch(attention):
+    """A batch of 0 gives empty results and gradients, as torch.nn's layers do."""
+    G = Generator(latent_dim=7, image_size=(7, 5), channels=2, ngf=4, attention=attention)
+    D = Discriminator(image_size=(7, 5), channels=2, ndf=4, attention=attention)
+    z = torch.randn(0, 7, requires_grad=True)
+    x = G(z)
+    assert x.shape == (0, 2, 7, 5)
+    logits = D(x)
+    assert logits.shape == (0,)
+    logits.sum().backward()
+    assert z.grad.shape == (0, 7)
+
+
 def test_generator_layout_for_8x8():
     G = Generator(latent_dim=16, image_size=8, channels=1, ngf=8)
     assert (G.n_up, G.base) == (1, (4, 4))

@@ -111,6 +111,16 @@ def test_generator_step_freezes_d():
     assert all(p.requires_grad for p in D.parameters())
 
 
+@pytest.mark.parametrize("name,value", [
+    ("lr_g", float("inf")), ("lr_d", float("nan")), ("lr_g", -1e-3),
+    ("lambda_gp", -1.0), ("lambda_gp", float("nan")), ("lambda_gp", float("inf")),
+    ("mismatch_weight", -0.5), ("mismatch_weight", float("nan")), ("mismatch_weight", True),
+])
+def test_trainer_weights_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=name):
+        GANTrainer(*_uncond(), latent_dim=4, gan_mode="wgangp", **{name: value})
+
+
 def test_trainer_errors():
     with pytest.raises(ValueError, match="n_critic"):
         GANTrainer(*_uncond(), latent_dim=4, n_critic=0)
