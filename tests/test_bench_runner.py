@@ -161,3 +161,14 @@ def test_tile_sweep_plumbing_on_the_interpreter(triton_path, tmp_path, monkeypat
                         log=lambda m: None)
     rows = report["results"]
     assert len(rows) == 6 and all(r["peer_ms"] and not r.get("error") for r in rows), rows
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gpu_suite_second_order_attention_check_on_cpu_interpreter(triton_path, dtype):
+    """The suite's check of a second derivative through attention (the Triton first backward), on the interpreter."""
+    import torch
+
+    from leedl_fast.bench.cases.attention import _check_second_order
+
+    result = _check_second_order(triton_path, {"fp32": torch.float32, "fp16": torch.float16}[dtype], dtype, 2e-3)
+    assert result.ok, result

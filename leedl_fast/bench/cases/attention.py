@@ -276,7 +276,35 @@ def check(device: str) -> list[CheckResult]:
             except Exception as exc:  # recorded, the suite goes on
                 out.append(CheckResult("attention", dname, name, float("nan"), tol, False,
                                        error=f"{type(exc).__name__}: {exc}"[:500]))
+        out.append(_check_second_order(device, dtype, dname, tol))
     return out
+
+
+def _check_second_order(device: str, dtype, dname: str, tol: float) -> CheckResult:
+    """A Hessian-vector product through the op (the Triton first backward, differentiated by the dense
+    second-order math): d<w, dq>/d(q, k, v) with dq = d<do, o>/dq, against the float64 reference's."""
+    name = "second derivative causal window (9,0) GQA"
+    kw = {"window": (9, 0), "causal": True}
+    try:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        mk = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype).double().to(device)
+        q, k, v, do, w = mk(2, 4, 77, 64), mk(2, 2, 77, 64), mk(2, 2, 77, 64), mk(2, 4, 77, 64), mk(2, 4, 77, 64)
+
+        def hvp(fn, cast):
+            xs = [cast(t).requires_grad_() for t in (q, k, v)]
+            (dq,) = torch.autograd.grad(fn(*xs, **kw), xs[0], cast(do), create_graph=True)
+            return torch.autograd.grad((dq * cast(w)).sum(), xs)
+
+        want = hvp(attention_reference, lambda t: t.clone())
+        got = hvp(attention, lambda t: t.to(dtype))
+        errs, ok = [], True
+        for a, b in zip(got, want):
+            diff = (a.double() - b).abs()
+            errs.append(diff.max().item())
+            ok &= bool(torch.isfinite(a).all()) and bool((diff <= 4 * tol * (1 + b.abs())).all())
+        return CheckResult("attention", dname, name, max(errs), tol, ok)
+    except Exception as exc:  # recorded, the suite goes on
+        return CheckResult("attention", dname, name, float("nan"), tol, False, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 # ------------------------------------------------------------------------------ CPU memory probe (subprocess)
