@@ -22,6 +22,8 @@ def training_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *, seed: int
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if not isinstance(x0, torch.Tensor) or x0.dim() < 1:
         raise ValueError("x0 must be a (B, ...) tensor")
     ac = schedule.alphas_cumprod

@@ -10,13 +10,12 @@ beyond a table lookup.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from ..ops.noising import (PREDICTION_TYPES, VARIANCE_TYPES, _check_seed, ddim_step_coefficients,
-                           ddpm_step_coefficients, fused_step)
+from ..ops.noising import (PREDICTION_TYPES, VARIANCE_TYPES, _acc, _as_int, _check_clip, _check_eta, _check_seed,
+                           ddim_step_coefficients, ddpm_step_coefficients, draw_seed, fused_step)
 from .schedule import NoiseSchedule
 
 __all__ = ["DDPMSampler", "DDIMSampler"]
@@ -32,19 +31,21 @@ class _Sampler:
 
     def _build(self, schedule: NoiseSchedule, timesteps: torch.Tensor, rows: list, noise_flags: list,
                clip_sample: bool, clip_sample_range: float) -> None:
+        self._clip = _check_clip(clip_sample, clip_sample_range)
         self.schedule = schedule
         self.timesteps = timesteps
-        self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
+        self.clip_sample, self.clip_sample_range = clip_sample, float(clip_sample_range)
         self._index = {int(t): i for i, t in enumerate(timesteps.tolist())}
         self._table64 = torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
-        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._add_noise = noise_flags
 
-    def _table(self, device: torch.device) -> torch.Tensor:
-        if device not in self._tables:
-            self._tables[device] = self._table64.to(torch.float32).to(device)
-        return self._tables[device]
+    def _table(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The coefficients on x_t's device in its accumulation dtype (float64 for float64 steps)."""
+        key = (x_t.device, _acc(x_t.dtype))
+        if key not in self._tables:
+            self._tables[key] = self._table64.to(key[1]).to(key[0])
+        return self._tables[key]
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, *, noise: torch.Tensor | None = None,
              seed: int | None = None) -> torch.Tensor:
@@ -52,25 +53,23 @@ class _Sampler:
 
         ``noise``: the Gaussian noise to add (x_t's shape), or it is drawn from the
         Philox stream of ``seed`` (from torch's generator when None)."""
-        key = int(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+        key = _as_int(t)
         if isinstance(key, bool) or not isinstance(key, int) or key not in self._index:
             raise ValueError(f"t={t!r} is not one of this sampler's timesteps")
         i = self._index[key]
         if not isinstance(x_t, torch.Tensor):
             raise ValueError("x_t must be a torch.Tensor")
-        return fused_step(model_output, x_t, self._table(x_t.device)[i], add_noise=self._add_noise[i],
-                          clip_range=self.clip_sample_range if self.clip_sample else None, noise=noise, seed=seed)
+        return fused_step(model_output, x_t, self._table(x_t)[i], add_noise=self._add_noise[i],
+                          clip_range=self._clip, noise=noise, seed=seed)
 
     @torch.no_grad()
     def generate(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape, *,
                  seed: int | None = None, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """Run the whole chain from x_T ~ N(0, I) of ``shape``: ``model_fn(x, t)`` (t a (B,) int64 tensor)
-        returns the model output.  ``seed`` makes the run reproducible (initial noise and every step)."""
+        returns the model output.  ``seed`` makes the run reproducible (initial noise and every step); None
+        draws one from torch's default generator, so ``torch.manual_seed`` makes the run reproducible too."""
         gen = torch.Generator()
-        if seed is not None:
-            gen.manual_seed(_check_seed(seed))
-        else:
-            gen.seed()
+        gen.manual_seed(draw_seed() if seed is None else _check_seed(seed))
         x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
         for t in self.timesteps.tolist():
             tt = torch.full((shape[0],), t, dtype=torch.int64, device=device)
@@ -80,7 +79,8 @@ class _Sampler:
         return x
 
 
-def _check_common(schedule, prediction_type, n):
+def _check_common(schedule, prediction_type, n, clip_sample, clip_sample_range):
+    _check_clip(clip_sample, clip_sample_range)
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if prediction_type not in PREDICTION_TYPES:
@@ -99,7 +99,7 @@ class DDPMSampler(_Sampler):
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None = None,
                  prediction_type: str = "epsilon", clip_sample: bool = True, variance_type: str = "fixed_small",
                  clip_sample_range: float = 1.0):
-        _check_common(schedule, prediction_type, num_inference_steps)
+        _check_common(schedule, prediction_type, num_inference_steps, clip_sample, clip_sample_range)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
         T = schedule.num_train_timesteps
@@ -127,11 +127,12 @@ class DDIMSampler(_Sampler):
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int, eta: float = 0.0,
                  prediction_type: str = "epsilon", clip_sample: bool = True, clip_sample_range: float = 1.0,
                  set_alpha_to_one: bool = True):
-        _check_common(schedule, prediction_type, num_inference_steps)
+        _check_common(schedule, prediction_type, num_inference_steps, clip_sample, clip_sample_range)
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required for DDIM")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
-            raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+        _check_eta(eta)
+        if not isinstance(set_alpha_to_one, bool):
+            raise ValueError(f"set_alpha_to_one must be a bool, got {set_alpha_to_one!r}")
         T = schedule.num_train_timesteps
         self.num_inference_steps, self.eta, self.prediction_type = num_inference_steps, float(eta), prediction_type
         timesteps = _leading_timesteps(T, num_inference_steps)

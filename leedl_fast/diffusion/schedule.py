@@ -39,6 +39,9 @@ class NoiseSchedule:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a float, got {value!r}")
         if beta_schedule != "cosine" and not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         self.num_train_timesteps = num_train_timesteps

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.attention import attention
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, attention
 
 __all__ = ["UNet", "timestep_embedding"]
 
@@ -104,6 +104,12 @@ class UNet(nn.Module):
                  channel_mults=(1, 2), num_res_blocks: int = 1, attention_levels=None, head_dim: int = 32,
                  num_classes: int | None = None, groups: int = 8, dropout: float = 0.0):
         super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be an int in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (the attention op's range), "
+                             f"got {head_dim!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
         out_channels = in_channels if out_channels is None else out_channels
         n_levels = len(channel_mults)
         attention_levels = tuple(i > 0 for i in range(n_levels)) if attention_levels is None else tuple(attention_levels)
@@ -147,19 +153,35 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    def _check_labels(self, y, b: int) -> None:
+        """(B,) integer labels in [0, num_classes): the range is checked on the CPU (on CUDA that would wait
+        for the device; the embedding asserts there)."""
+        if (not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex
+                or y.dtype == torch.bool or y.shape != (b,)):
+            raise ValueError(f"class_labels must be an integer tensor of shape ({b},), got "
+                             f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        if y.device.type == "cpu" and b and not torch.compiler.is_compiling():
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
+
     def forward(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[-1] % self.downscale or x.shape[-2] % self.downscale:
             raise ValueError(f"H and W must be multiples of {self.downscale}, got {tuple(x.shape[-2:])}")
+        b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
-            t = t.expand(x.shape[0])
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a number or have shape ({b},) (one timestep per sample), got {tuple(t.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype))
         if self.class_emb is not None:
             if class_labels is None:
                 raise ValueError("class_labels are required: this UNet was built with num_classes")
-            emb = emb + self.class_emb(class_labels)
+            self._check_labels(class_labels, b)
+            emb = emb + self.class_emb(class_labels.long())
         elif class_labels is not None:
             raise ValueError("class_labels given but the UNet has no num_classes")
 

@@ -105,6 +105,8 @@ def _check_t(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
         raise ValueError(f"t must be an integer tensor of shape ({batch},) or an int, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"t must be an integer tensor, got dtype {t.dtype}")
+    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):   # few ops take these (min and max do not)
+        t = t.to(torch.int64)                                   # a uint64 past 2**63 turns negative: refused
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"t must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
     if t.device != device:
@@ -118,7 +120,9 @@ def _check_t(t, batch: int, num_timesteps: int, device) -> torch.Tensor:
 
 
 def _check_t_async(t: torch.Tensor, num_timesteps: int) -> None:
-    if t.numel() and (t.device.type != "cpu" or torch.compiler.is_compiling()):
+    """The range check where ``_check_t`` could not make it (CUDA t, or inside torch.compile, where the op's
+    body runs with a CPU t that was never checked); on the CPU it is immediate and costs a reduction."""
+    if t.numel():
         torch._assert_async(((t >= 0) & (t < num_timesteps)).all(), f"t must lie in [0, {num_timesteps})")
 
 
@@ -276,6 +280,7 @@ def noise_prediction_loss_reference(pred: torch.Tensor, x0: torch.Tensor, t: tor
 
 def _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target):
     acc = _acc(pred.dtype if pred.dtype == torch.float64 else x0.dtype)
+    _check_t_async(t, alphas_cumprod.shape[0])      # also for the targets that do not read abar_t
     if target == "sample":
         tgt = x0.to(acc)
     else:
@@ -473,12 +478,65 @@ def _(model_output, x_t, coef, noise, seed, add_noise, clip_range):
     return x_t.new_empty(x_t.shape)
 
 
+def _step_setup(ctx, inputs, output):
+    model_output, x_t, coef, noise, seed, add_noise, clip_range = inputs
+    ctx.save_for_backward(model_output, x_t, coef)
+    ctx.clip_range = clip_range
+    ctx.noise_dtype = noise.dtype if noise is not None and add_noise else None
+
+
+def _step_backward(ctx, g):
+    # y = c2 clip(c0 x + c1 m) + c3 x + c4 m + c5 z: linear but for the clip, whose gradient is 1 inside
+    # [-r, r] (ends included, as torch.clamp's) and 0 outside.
+    m, x, coef = ctx.saved_tensors
+    acc = _acc(x.dtype)
+    c, g = coef.to(acc), g.to(acc)
+    gc = g * c[2]
+    if ctx.clip_range is not None:
+        x0 = c[0] * x.to(acc) + c[1] * m.to(acc)
+        gc = gc * ((x0 >= -ctx.clip_range) & (x0 <= ctx.clip_range))
+    dm = (gc * c[1] + g * c[4]).to(m.dtype)
+    dx = (gc * c[0] + g * c[3]).to(x.dtype)
+    dz = None if ctx.noise_dtype is None else (g * c[5]).to(ctx.noise_dtype)
+    return dm, dx, None, dz, None, None, None
+
+
+torch.library.register_autograd("leedl_fast::sampler_step", _step_backward, setup_context=_step_setup)
+
+
+def _check_clip_range(clip_range) -> float | None:
+    if clip_range is None:
+        return None
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not 0 < clip_range < math.inf:
+        raise ValueError(f"clip_sample_range must be a finite number > 0, got {clip_range!r}")
+    return float(clip_range)
+
+
+def _check_clip(clip_sample, clip_sample_range) -> float | None:
+    """The clipping range of a step (None: no clipping); ValueError for a non-bool ``clip_sample`` or a
+    range that is not a finite positive number."""
+    if not isinstance(clip_sample, bool):
+        raise ValueError(f"clip_sample must be a bool, got {clip_sample!r}")
+    clip_range = _check_clip_range(clip_sample_range)
+    return clip_range if clip_sample else None
+
+
+def _check_eta(eta) -> float:
+    """DDIM's eta in [0, 1] (Song et al. 2021: 0 is DDIM, 1 the DDPM-like variance); above 1 the noise's
+    variance exceeds 1 - abar_prev and the step is undefined (diffusers returns NaN)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a float in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 def fused_step(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, *, add_noise: bool,
                clip_range: float | None = None, noise: torch.Tensor | None = None,
                seed: int | None = None) -> torch.Tensor:
-    """``x_prev = c2 clip(c0 x_t + c1 m) + c3 x_t + c4 m + c5 z`` in one kernel (``coef``: six float32 values
-    on x_t's device, from ``ddpm_step_coefficients`` / ``ddim_step_coefficients``).  z is ``noise`` or the
-    Philox stream of ``seed`` (drawn from torch's generator when None); only used when ``add_noise``."""
+    """``x_prev = c2 clip(c0 x_t + c1 m) + c3 x_t + c4 m + c5 z`` in one kernel (``coef``: the six values
+    from ``ddpm_step_coefficients`` / ``ddim_step_coefficients`` on x_t's device, float32, or float64 for a
+    float64 step on the torch path; the kernel reads them as float32).  z is ``noise`` or the Philox stream
+    of ``seed`` (drawn from torch's generator when None); only used when ``add_noise``.  Differentiable
+    with respect to model_output, x_t and noise (elementwise PyTorch in the backward)."""
     check_tensor("x_t", x_t)
     _check_like("model_output", model_output, x_t, "x_t", same_dtype=False)
     check_tensor("coef", coef, ndim=1)
@@ -493,8 +551,7 @@ def fused_step(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor
         seed = draw_seed() if seed is None else _check_seed(seed)
     else:
         seed = 0 if seed is None else _check_seed(seed)
-    if clip_range is not None:
-        clip_range = float(clip_range)
+    clip_range = _check_clip_range(clip_range)
     return _step_op(model_output, x_t, coef, noise if add_noise else None, seed, bool(add_noise), clip_range)
 
 
@@ -577,8 +634,9 @@ def ddim_step_reference(model_output, t: int, x_t, alphas_cumprod, *, prev_t: in
     return out
 
 
-def _coef_tensor(coefs, device) -> torch.Tensor:
-    return torch.tensor(coefs, dtype=torch.float64).to(torch.float32).to(device)
+def _coef_tensor(coefs, x_t: torch.Tensor) -> torch.Tensor:
+    """The six float64 coefficients in x_t's accumulation dtype (float64 for float64 steps) on its device."""
+    return torch.tensor(coefs, dtype=torch.float64).to(_acc(x_t.dtype)).to(x_t.device)
 
 
 def ddpm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
@@ -594,11 +652,12 @@ def ddpm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
+    clip = _check_clip(clip_sample, clip_sample_range)
     a_t = float(alphas_cumprod[t])
     a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
     coefs, add_noise = ddpm_step_coefficients(a_t, a_p, t, prediction_type, variance_type)
-    return fused_step(model_output, x_t, _coef_tensor(coefs, x_t.device), add_noise=add_noise,
-                      clip_range=clip_sample_range if clip_sample else None, noise=noise, seed=seed)
+    return fused_step(model_output, x_t, _coef_tensor(coefs, x_t), add_noise=add_noise,
+                      clip_range=clip, noise=noise, seed=seed)
 
 
 def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
@@ -611,13 +670,13 @@ def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     if prev_t is None:
         raise ValueError("prev_t must be an int in [-1, t), got None (DDIM steps skip timesteps: say which)")
     t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
-        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+    _check_eta(eta)
+    clip = _check_clip(clip_sample, clip_sample_range)
     if prev_t < 0 and (isinstance(final_alpha_cumprod, bool) or not isinstance(final_alpha_cumprod, (int, float))
                        or not 0 < final_alpha_cumprod <= 1):
         raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod!r}")
     a_t = float(alphas_cumprod[t])
     a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(final_alpha_cumprod)
     coefs, add_noise = ddim_step_coefficients(a_t, a_p, prediction_type, float(eta))
-    return fused_step(model_output, x_t, _coef_tensor(coefs, x_t.device), add_noise=add_noise,
-                      clip_range=clip_sample_range if clip_sample else None, noise=noise, seed=seed)
+    return fused_step(model_output, x_t, _coef_tensor(coefs, x_t), add_noise=add_noise,
+                      clip_range=clip, noise=noise, seed=seed)

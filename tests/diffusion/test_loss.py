@@ -53,3 +53,5 @@ def test_draws_t_and_seed(torch_path):
     assert a.item() == b.item() != c.item()
     with pytest.raises(ValueError, match="prediction_type"):
         training_loss(model, x0, s, prediction_type="score")
+    with pytest.raises(ValueError, match="schedule"):
+        training_loss(model, x0, s.alphas_cumprod)

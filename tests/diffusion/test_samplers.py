@@ -128,3 +128,52 @@ def test_errors():
         sampler.step(x, 5, x)
     with pytest.raises(ValueError, match="model_output has shape"):
         sampler.step(x[:1], 90, x)
+    with pytest.raises(ValueError, match="not one of"):
+        sampler.step(x, torch.tensor(90.4), x)          # a float is not a timestep (it was truncated to 90)
+    assert torch.equal(sampler.step(x, torch.tensor(90), x), sampler.step(x, 90, x))
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(s, 10, eta=1.5)                      # sigma^2 > 1 - abar_prev: undefined (diffusers: NaN)
+    with pytest.raises(ValueError, match="set_alpha_to_one"):
+        DDIMSampler(s, 10, set_alpha_to_one="no")
+    for bad in (-1.0, float("nan"), float("inf"), "a"):
+        with pytest.raises(ValueError, match="clip_sample_range"):
+            DDPMSampler(s, 10, clip_sample_range=bad)
+    with pytest.raises(ValueError, match="clip_sample"):
+        DDIMSampler(s, 10, clip_sample=1)
+
+
+def test_generate_without_seed_follows_torch_manual_seed(torch_path):
+    sampler = DDIMSampler(NoiseSchedule(100), 4, eta=1.0)
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    torch.manual_seed(3)
+    a = sampler.generate(model, (2, 1, 4, 4))
+    torch.manual_seed(3)
+    b = sampler.generate(model, (2, 1, 4, 4))
+    c = sampler.generate(model, (2, 1, 4, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler_cls", [DDPMSampler, DDIMSampler])
+def test_float64_step_and_gradients(torch_path, sampler_cls):
+    """A float64 step is float64-accurate (float64 coefficients), and the step is differentiable: gradients
+    with respect to the model output and x_t against autograd through the float64 reference."""
+    s = NoiseSchedule(1000, "cosine")
+    sampler = DDPMSampler(s, 20, clip_sample=False) if sampler_cls is DDPMSampler else DDIMSampler(s, 20, eta=0.5)
+    t = int(sampler.timesteps[0])
+    prev = int(sampler.timesteps[1])
+    x, m, z = (torch.randn(SHAPE, dtype=torch.float64) for _ in range(3))
+    ac = s.alphas_cumprod.double()
+    leaves = [v.clone().requires_grad_() for v in (m, x)]
+    if sampler_cls is DDPMSampler:
+        ref = ddpm_step_reference(*leaves[:1], t, leaves[1], ac, prev_t=prev, clip_sample=False, noise=z)
+    else:
+        ref = ddim_step_reference(*leaves[:1], t, leaves[1], ac, prev_t=prev, eta=0.5, noise=z)
+    ours = [v.clone().requires_grad_() for v in (m, x)]
+    out = sampler.step(ours[0], t, ours[1], noise=z)
+    assert out.dtype == torch.float64
+    assert_close(out, ref.detach(), dtype=torch.float64, scale=10)
+    w = torch.randn(SHAPE, dtype=torch.float64)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    for a, b in zip(ours, leaves):
+        assert_close(a.grad, b.grad, dtype=torch.float64, scale=10)

@@ -47,5 +47,8 @@ def test_errors_and_to():
         NoiseSchedule(0)
     with pytest.raises(ValueError, match="beta_start"):
         NoiseSchedule(10, "linear", beta_start=0.1, beta_end=0.01)
+    for name in ("beta_start", "beta_end"):
+        with pytest.raises(ValueError, match=name):
+            NoiseSchedule(10, "linear", **{name: "1e-4"})
     s = NoiseSchedule(10).to("cpu")
     assert s.device == torch.device("cpu") and len(s) == 10 and "linear" in repr(s)

@@ -40,6 +40,19 @@ def test_shapes_and_conditioning(torch_path):
         m(torch.randn(1, 1, 6, 8), 3, torch.tensor([0]))
     with pytest.raises(ValueError, match="no num_classes"):
         _small()(x[:, :, :8], t, torch.tensor([0, 1]))
+    assert torch.equal(m(x, t, torch.tensor([0, 2], dtype=torch.uint8)), y)   # any integer dtype
+    for bad in (torch.tensor([0, 3]), torch.tensor([-1, 0]), torch.tensor([0.0, 1.0]), torch.tensor([0])):
+        with pytest.raises(ValueError, match="class_labels"):
+            m(x, t, bad)
+    with pytest.raises(ValueError, match=r"t must be a number or have shape \(2,\)"):
+        m(x, torch.tensor([1, 2, 3]), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(head_dim=8), "head_dim"), (dict(head_dim=300), "head_dim"),
+                                      (dict(num_classes=0), "num_classes")], ids=str)
+def test_constructor_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(1, base_channels=16, **kw)
 
 
 def test_zero_init_output_and_gradients(torch_path):

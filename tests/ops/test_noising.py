@@ -413,3 +413,105 @@ def test_kernel_turns_out_of_range_t_into_nan(triton_path):
     assert torch.isfinite(x_t[0]).all() and torch.isnan(x_t[1:]).all()
     loss = N._loss_op(x0, x0, t, ac, None, 3, "v_prediction")
     assert torch.isnan(loss)
+
+
+# ----------------------------------------------------------------------------- steps: gradients, float64, checks
+
+@pytest.mark.parametrize("step", ["ddpm", "ddim"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("prediction_type", TARGETS)
+def test_step_gradients(any_path, step, clip, prediction_type):
+    """d x_prev / d (model_output, x_t, noise) against autograd through the float64 reference (guidance on x_t
+    and fine-tuning through the sampler need them)."""
+    ac = _schedule()
+    g = torch.Generator().manual_seed(5)
+    x, m, z, w = (torch.randn(2, 3, 17, dtype=torch.float64, generator=g) for _ in range(4))
+    kw = dict(prediction_type=prediction_type, clip_sample=clip)
+    if step == "ddpm":
+        op, ref_op, kw = ddpm_step, ddpm_step_reference, dict(kw, prev_t=380)
+    else:
+        op, ref_op, kw = ddim_step, ddim_step_reference, dict(kw, prev_t=380, eta=0.7)
+    dtype = torch.float32 if _on_triton() else torch.float64      # the kernel takes no float64
+    leaves = [t.clone().requires_grad_() for t in (m, x, z)]
+    (ref_op(leaves[0], 400, leaves[1], ac.double(), noise=leaves[2], **kw) * w).sum().backward()
+    ours = [t.to(any_path, dtype).requires_grad_() for t in (m, x, z)]
+    out = op(ours[0], 400, ours[1], ac.to(any_path), noise=ours[2], **kw)
+    (out * w.to(any_path, dtype)).sum().backward()
+    if clip:   # the clip is active somewhere, or the test would not cover its gradient mask
+        c0, c1 = N._x0_coefs(float(ac[400]), prediction_type)
+        assert ((c0 * x + c1 * m).abs() > 1).any()
+    for a, b, name in zip(ours, leaves, ("model_output", "x_t", "noise")):
+        assert_close(a.grad, b.grad, dtype=dtype, name=name)
+
+
+def _on_triton() -> bool:
+    import os
+
+    return os.environ.get("LEEDL_FAST_BACKEND") == "triton"
+
+
+@pytest.mark.parametrize("prediction_type", TARGETS)
+def test_float64_steps_keep_float64(torch_path, prediction_type):
+    """A float64 step uses float64 coefficients: equal to the float64 reference to rounding, at t = 999 too."""
+    ac = _schedule().double()
+    x, m, z = (torch.randn(2, 40, dtype=torch.float64) for _ in range(3))
+    for t, prev in ((999, 998), (500, 480), (1, 0)):
+        kw = dict(prev_t=prev, prediction_type=prediction_type, clip_sample=False)
+        assert_close(ddpm_step(m, t, x, ac, noise=z, **kw), ddpm_step_reference(m, t, x, ac, noise=z, **kw),
+                     dtype=torch.float64, scale=10)
+        assert_close(ddim_step(m, t, x, ac, noise=z, eta=0.3, **kw),
+                     ddim_step_reference(m, t, x, ac, noise=z, eta=0.3, **kw), dtype=torch.float64, scale=10)
+
+
+def test_compiled_ops_refuse_an_out_of_range_cpu_t(torch_path):
+    """Inside torch.compile the host check is skipped; the op's body still refuses a CPU t outside the
+    schedule instead of indexing alphas_cumprod from the end (t = -1 read abar_999)."""
+    ac = _schedule()
+    x0 = torch.ones(2, 4)
+    f = torch.compile(lambda x0, t: q_sample(x0, t, ac, seed=0)[0], fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x0, torch.tensor([3, 5])), q_sample(x0, torch.tensor([3, 5]), ac, seed=0)[0])
+    for bad in ([-1, 5], [1000, 5]):
+        with pytest.raises(RuntimeError, match="t must lie"):
+            f(x0, torch.tensor(bad))
+    g = torch.compile(lambda p, x0, t: noise_prediction_loss(p, x0, t, ac, seed=0), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="t must lie"):
+        g(torch.zeros(2, 4), x0, torch.tensor([-1, -1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64])
+def test_q_sample_t_of_any_integer_dtype(torch_path, dtype):
+    ac = _schedule()
+    x0 = torch.randn(3, 5)
+    t = torch.tensor([0, 7, 200])
+    assert torch.equal(q_sample(x0, t.to(dtype), ac, seed=1)[0], q_sample(x0, t, ac, seed=1)[0])
+
+
+def test_uint64_t_past_int64_is_refused(torch_path):
+    t = torch.tensor([2**63 + 5, 1], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="t must lie"):
+        q_sample(torch.randn(2, 3), t, _schedule(), seed=1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(clip_sample_range=-1.0), "clip_sample_range"),
+    (dict(clip_sample_range=float("nan")), "clip_sample_range"),
+    (dict(clip_sample_range="a"), "clip_sample_range"),
+    (dict(clip_sample="yes"), "clip_sample"),
+    (dict(eta=1.5), "eta"),
+    (dict(eta=-0.1), "eta"),
+], ids=str)
+def test_step_argument_errors(kw, match):
+    ac = _schedule()
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=match):
+        ddim_step(x, 500, x, ac, prev_t=480, **kw)
+    if "eta" not in kw:
+        with pytest.raises(ValueError, match=match):
+            ddpm_step(x, 0, x, ac, **kw)
+
+
+def test_step_opcheck_with_gradients(torch_path):
+    x, m, z = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    coef = torch.tensor([1.2, -0.4, 0.9, 0.3, 0.1, 0.05], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.leedl_fast.sampler_step.default, (m, x, coef, z, 0, True, 0.8))
+    torch.library.opcheck(torch.ops.leedl_fast.sampler_step.default, (m, x, coef, None, 3, False, None))
