@@ -17,6 +17,7 @@ import torch
 __all__ = ["NoiseSchedule", "BETA_SCHEDULES"]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+_ALIASES = {"squaredcos_cap_v2": "cosine"}   # diffusers' name, so its configs carry over
 
 
 def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -29,14 +30,15 @@ def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Te
 class NoiseSchedule:
     """The diffusion noise schedule: ``betas``, ``alphas``, ``alphas_cumprod`` as float32 (T,) tensors.
 
-    ``beta_schedule``: "linear", "scaled_linear" or "cosine" (beta_start / beta_end
-    are ignored by "cosine").  ``to(device)`` moves the tables (returns self).
+    ``beta_schedule``: "linear", "scaled_linear" or "cosine" (also under diffusers' name
+    "squaredcos_cap_v2"; beta_start / beta_end are ignored by "cosine").  ``to(device)`` moves the tables (returns self).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02):
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        beta_schedule = _ALIASES.get(beta_schedule, beta_schedule) if isinstance(beta_schedule, str) else beta_schedule
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):

@@ -42,7 +42,9 @@ def test_linear_formula():
 
 def test_errors_and_to():
     with pytest.raises(ValueError, match="beta_schedule"):
-        NoiseSchedule(100, "squaredcos_cap_v2")
+        NoiseSchedule(100, "sigmoid")
+    alias = NoiseSchedule(100, "squaredcos_cap_v2")      # diffusers' name of the cosine schedule
+    assert alias.beta_schedule == "cosine" and torch.equal(alias.betas, NoiseSchedule(100, "cosine").betas)
     with pytest.raises(ValueError, match="num_train_timesteps"):
         NoiseSchedule(0)
     with pytest.raises(ValueError, match="beta_start"):
