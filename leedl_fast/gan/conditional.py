@@ -13,11 +13,12 @@
   ``leedl_fast.nn.TransformerEncoder`` and masked mean pooling.
 
 A condition is given as
-  class   ``LongTensor (B,)`` with labels in [0, num_classes);
+  class   integer tensor ``(B,)`` with labels in [0, num_classes);
   vector  ``float tensor (B, cond_dim)``;
-  text    ``LongTensor (B, L)`` of token ids, or ``(tokens, key_padding_mask)``
+  text    integer tensor ``(B, L)`` of token ids, or ``(tokens, key_padding_mask)``
           with ``key_padding_mask`` bool (B, L), True at padding (default:
           ``tokens == padding_idx``).
+Labels and token ids may have any integer dtype (they are cast to int64 for the embeddings).
 A condition whose batch or shape does not fit raises ValueError naming ``condition``.
 G and D each own their condition encoder (pass two ``TextEncoder``s, not one
 shared instance, unless you mean both optimisers to update it).
@@ -71,6 +72,7 @@ class TextEncoder(nn.Module):
         b, length = tokens.shape
         if not 1 <= length <= self.max_len:
             raise ValueError(f"tokens has length {length}; this encoder takes 1..{self.max_len}")
+        tokens = tokens.long()  # nn.Embedding takes int64/int32 only
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(f"tokens must be in [0, {self.vocab_size})")
         if key_padding_mask is None:
@@ -126,6 +128,7 @@ class _ConditionEncoder(nn.Module):
                 raise ValueError(f"condition must be an integer label tensor of shape ({batch},), got "
                                  + (f"{condition.dtype} {tuple(condition.shape)}" if isinstance(condition, torch.Tensor)
                                     else type(condition).__name__))
+            condition = condition.long()  # nn.Embedding takes int64/int32 only
             if batch and (int(condition.min()) < 0 or int(condition.max()) >= self.num_classes):
                 raise ValueError(f"condition labels must be in [0, {self.num_classes})")
             return self.embedding(condition)
@@ -187,8 +190,9 @@ class ProjectionDiscriminator(Discriminator):
                                                                               bias=False)
 
     def forward(self, x: torch.Tensor, condition) -> torch.Tensor:
+        self._check_input(x)
+        c = self.condition(condition, x.shape[0])  # a refused condition leaves the body (and its spectral norms) unrun
         h = self.features(x)
-        c = self.condition(condition, x.shape[0])
         if self.project is not None:
             c = self.project(c.to(h.dtype))
         return self.head(h).squeeze(1) + (c.to(h.dtype) * h).sum(1)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dcgan import _positive_int, init_weights
+from .dcgan import _finite_number, _positive_int, init_weights
 from .losses import GANLoss, gradient_penalty
 from .pool import ImagePool
 from .trainer import frozen
@@ -85,6 +85,7 @@ class ResnetGenerator(nn.Module):
         ngf = _positive_int("ngf", ngf)
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 0:
             raise ValueError(f"n_blocks must be an int >= 0, got {n_blocks!r}")
+        _finite_number("init_gain", init_gain)
         bias = norm == "instance"  # batch norm has its own shift
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), _norm(norm, ngf), nn.ReLU(True)]
         for i in range(2):  # downsampling
@@ -128,6 +129,7 @@ class NLayerDiscriminator(nn.Module):
         self.input_nc = _positive_int("input_nc", input_nc)
         ndf = _positive_int("ndf", ndf)
         self.n_layers = _positive_int("n_layers", n_layers)
+        _finite_number("init_gain", init_gain)
         bias = norm == "instance"
         layers = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
@@ -161,7 +163,19 @@ def cyclegan_step(netG_A, netG_B, netD_A, netD_B, optimizer_G, optimizer_D, fake
     then the discriminator step on pooled fakes:
         L_D_A = (L_GAN(D_A(b), real) + L_GAN(D_A(pool_B(G_A(a))), fake)) / 2,  L_D_B likewise.
     Returns every term as a float.
+
+    Checked before any update, so that a refused step changes nothing: in
+    ``"wgangp"`` mode real_A and real_B must have the same batch and image size
+    (the penalty mixes real_B with G_A(real_A), and real_A with G_B(real_B)),
+    and each image size must be the one of the fakes already in its pool.
     """
+    if criterion.gan_mode == "wgangp" and (real_A.shape[0], *real_A.shape[2:]) != (real_B.shape[0], *real_B.shape[2:]):
+        raise ValueError(f"gan_mode='wgangp' needs real_A and real_B of the same batch and image size, got "
+                         f"{tuple(real_A.shape)} and {tuple(real_B.shape)}")
+    for name, real, pool in (("real_A", real_A, fake_B_pool), ("real_B", real_B, fake_A_pool)):
+        if pool.images and tuple(pool.images[0].shape[1:]) != tuple(real.shape[2:]):
+            raise ValueError(f"{name} has images of size {tuple(real.shape[2:])} but its fakes' pool holds "
+                             f"{tuple(pool.images[0].shape[1:])}")
     fake_B = netG_A(real_A)
     rec_A = netG_B(fake_B)
     fake_A = netG_B(real_B)
@@ -210,10 +224,10 @@ class CycleGAN(nn.Module):
                  n_layers_D: int = 3, norm: str = "instance", seed: int = 0):
         super().__init__()
         for name, v in (("lambda_A", lambda_A), ("lambda_B", lambda_B), ("lambda_identity", lambda_identity)):
-            if not v >= 0:
-                raise ValueError(f"{name} must be >= 0, got {v!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+            _finite_number(name, v)
+        _finite_number("lr", lr, positive=True)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         if lambda_identity > 0 and input_nc != output_nc:
             raise ValueError(f"lambda_identity > 0 needs input_nc == output_nc (got {input_nc} and {output_nc}); "
                              "set lambda_identity=0")

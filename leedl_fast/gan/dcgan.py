@@ -21,8 +21,9 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .attention import SelfAttention2d
+from .attention import _MAX_HEAD_DIM, SelfAttention2d
 
 __all__ = ["Generator", "Discriminator", "sample_latent", "init_weights", "LATENT_DISTRIBUTIONS"]
 
@@ -44,6 +45,21 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _finite_number(name: str, value, *, positive: bool = False) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _check_attention_width(name: str, width: int, channels: int) -> None:
+    """Refuse, naming the width argument, a width that gives ``SelfAttention2d`` more channels than it takes."""
+    limit = 8 * _MAX_HEAD_DIM
+    if channels > limit:
+        raise ValueError(f"{name}={width} gives the self-attention block {channels} channels, more than the {limit} "
+                         f"it takes: use {name} <= {limit * width // channels} with attention=True")
+
+
 def sample_latent(n: int, dim: int, distribution: str = "normal", *, generator: torch.Generator | None = None,
                   device=None, dtype: torch.dtype | None = None, truncation: float = 2.0) -> torch.Tensor:
     """``(n, dim)`` latent vectors.
@@ -55,6 +71,8 @@ def sample_latent(n: int, dim: int, distribution: str = "normal", *, generator: 
                               truncation trick, Brock et al. 2019), drawn by inverse CDF;
       ``"sphere"``            uniform on the sphere of radius sqrt(dim) (normalised normal).
     ``generator`` (a ``torch.Generator`` on ``device``) makes the draw reproducible.
+    The draw is made in float32 (float64 for float64) and cast to ``dtype``, so
+    a half-precision draw is the float32 one rounded, not a coarser, biased one.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
@@ -62,27 +80,34 @@ def sample_latent(n: int, dim: int, distribution: str = "normal", *, generator: 
     if distribution not in LATENT_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {', '.join(LATENT_DISTRIBUTIONS)}; got {distribution!r}")
     dtype = dtype or torch.get_default_dtype()
-    kw = dict(generator=generator, device=device, dtype=dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}")
+    if distribution == "truncated_normal" and not truncation > 0:
+        raise ValueError(f"truncation must be > 0, got {truncation!r}")
+    kw = dict(generator=generator, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     if distribution == "normal":
-        return torch.randn(n, dim, **kw)
-    if distribution == "uniform":
-        return torch.rand(n, dim, **kw) * 2 - 1
-    if distribution == "truncated_normal":
-        if not truncation > 0:
-            raise ValueError(f"truncation must be > 0, got {truncation!r}")
+        z = torch.randn(n, dim, **kw)
+    elif distribution == "uniform":
+        z = torch.rand(n, dim, **kw) * 2 - 1
+    elif distribution == "truncated_normal":
         lo = 0.5 * (1 + math.erf(-truncation / math.sqrt(2)))  # Phi(-t)
         u = lo + (1 - 2 * lo) * torch.rand(n, dim, **kw)       # U[Phi(-t), Phi(t))
-        return (math.sqrt(2) * torch.erfinv(2 * u - 1)).clamp_(-truncation, truncation)
-    z = torch.randn(n, dim, **kw)
-    return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(dim)
+        z = (math.sqrt(2) * torch.erfinv(2 * u - 1)).clamp_(-truncation, truncation)
+    else:
+        z = torch.randn(n, dim, **kw)
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(dim)
+    return z.to(dtype)
 
 
 def init_weights(module: nn.Module, gain: float = 0.02) -> nn.Module:
     """DCGAN / CycleGAN initialisation: conv and linear weights ~ N(0, gain), biases 0,
-    norm-layer scales ~ N(1, gain).  Returns ``module``."""
+    norm-layer scales ~ N(1, gain).  A parametrized weight (spectral norm) has its
+    stored ``original`` initialised.  Returns ``module``."""
+    _finite_number("gain", gain)
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, gain)
+            nn.init.normal_(m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight")
+                            else m.weight, 0.0, gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.weight is not None:
@@ -115,6 +140,8 @@ class Generator(nn.Module):
         self.n_up = n_up
         self.base = (math.ceil(h / 2 ** n_up), math.ceil(w / 2 ** n_up))
         ch = [ngf * min(2 ** (n_up - i), 8) for i in range(n_up + 1)]
+        if attention:
+            _check_attention_width("ngf", ngf, ch[max(n_up - 1, 0)])
         self.fc = nn.Linear(self.latent_dim, ch[0] * self.base[0] * self.base[1], bias=False)
         self.fc_norm = nn.BatchNorm2d(ch[0])
         layers: list[nn.Module] = []
@@ -168,6 +195,8 @@ class Discriminator(nn.Module):
             raise ValueError(f"n_down={n_down} halves image_size {self.image_size} below one pixel")
         self.n_down = n_down
         ch = [ndf * min(2 ** i, 8) for i in range(n_down + 1)]
+        if attention:
+            _check_attention_width("ndf", ndf, ch[min(n_down, 1)])
         layers: list[nn.Module] = [nn.Conv2d(self.channels, ch[0], 3, 1, 1), nn.LeakyReLU(0.2, True)]
         for i in range(n_down):
             layers += [nn.Conv2d(ch[i], ch[i + 1], 4, 2, 1), nn.LeakyReLU(0.2, True)]

@@ -89,9 +89,19 @@ def discriminator_step(G, D, opt_D: torch.optim.Optimizer, real: torch.Tensor, c
                        criterion: GANLoss, latent_dim: int, latent_distribution: str = "normal",
                        num_classes: int | None = None, mismatch_weight: float = 1.0,
                        lambda_gp: float = 0.0) -> dict[str, float]:
-    """One D update; returns ``{"loss_D", "D_real", "D_fake"[, "loss_D_mismatch"][, "gp"]}`` (means of D's logits)."""
+    """One D update; returns ``{"loss_D", "D_real", "D_fake"[, "loss_D_mismatch"][, "gp"]}`` (means of D's logits).
+
+    The mismatched pairs need a wrong condition for each sample: class labels
+    with ``num_classes`` always have one; other conditions are rolled along the
+    batch, so a batch of one has none and its step leaves that term out (no
+    ``"loss_D_mismatch"``).  They are drawn before G runs, so that a condition
+    they refuse stops the step before anything changed.
+    """
     b = _batch(real, condition)
     z = sample_latent(b, latent_dim, latent_distribution, device=real.device, dtype=real.dtype)
+    wrong = None
+    if condition is not None and mismatch_weight > 0 and (num_classes is not None or b >= 2):
+        wrong = mismatched_condition(condition, num_classes)
     with torch.no_grad():
         fake = _call(G, z, condition)
     opt_D.zero_grad(set_to_none=True)
@@ -99,8 +109,8 @@ def discriminator_step(G, D, opt_D: torch.optim.Optimizer, real: torch.Tensor, c
     d_fake = _call(D, fake, condition)
     loss = criterion(d_real, True) + criterion(d_fake, False)
     out = {}
-    if condition is not None and mismatch_weight > 0:
-        d_wrong = D(real, mismatched_condition(condition, num_classes))
+    if wrong is not None:
+        d_wrong = D(real, wrong)
         l_wrong = criterion(d_wrong, False)
         loss = loss + mismatch_weight * l_wrong
         out["loss_D_mismatch"] = float(l_wrong.detach())
@@ -133,8 +143,10 @@ class GANTrainer:
 
     ``n_critic``: D steps per G step (G is updated on every n_critic-th call of
     ``step``).  ``lambda_gp``: gradient-penalty weight (default 10 for
-    ``gan_mode="wgangp"``, else 0).  ``num_classes``: labels are mismatched by
-    a guaranteed class change; without it conditions are rolled along the batch.
+    ``gan_mode="wgangp"``, else 0).  ``num_classes`` (None or an int >= 2):
+    labels are mismatched by a guaranteed class change; without it conditions
+    are rolled along the batch, and a batch of one gets no mismatched pair
+    (see ``discriminator_step``).
     """
 
     def __init__(self, G: nn.Module, D: nn.Module, *, latent_dim: int, gan_mode: str = "hinge", lr_g: float = 2e-4,
@@ -148,6 +160,9 @@ class GANTrainer:
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                     or not (value > 0 if low == "> 0" else value >= 0)):
                 raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 2):
+            raise ValueError(f"num_classes must be None or an int >= 2, got {num_classes!r}")
         self.criterion = GANLoss(gan_mode)
         sample_latent(0, latent_dim, latent_distribution)  # validates latent_dim and latent_distribution
         self.G, self.D = G, apply_spectral_norm(D) if spectral_norm else D

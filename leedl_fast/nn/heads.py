@@ -45,8 +45,9 @@ class SequenceClassificationHead(nn.Module):
     """One label per sequence: (seq, batch, d_model) -> (batch, num_labels) (``batch_first``: (batch, seq, d_model)).
 
     ``pooling="mean"`` averages the positions that ``key_padding_mask`` (batch, seq; True = padding) leaves in
-    (every position without a mask); ``pooling="cls"`` reads position ``cls_index`` (prepend a learned [CLS]
-    vector to the input for that).  Then dropout and a linear layer.
+    (every position without a mask); a sequence with none left (all padding, or length 0) pools to zeros.
+    ``pooling="cls"`` reads position ``cls_index`` (prepend a learned [CLS] vector to the input for that).
+    Then dropout and a linear layer.
     """
 
     def __init__(self, d_model: int, num_labels: int, pooling: str = "mean", cls_index: int = 0,
@@ -75,7 +76,7 @@ class SequenceClassificationHead(nn.Module):
                 raise ValueError(f"cls_index={self.cls_index} is out of range for sequences of length {h.shape[1]}")
             return h[:, self.cls_index]
         if key_padding_mask is None:
-            return h.mean(dim=1)
+            return h.mean(dim=1) if h.shape[1] else h.sum(dim=1)  # length 0: zeros, as with an all-padding mask
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(h.shape[:2]):
             raise ValueError(f"key_padding_mask must be a bool (batch, seq) = {tuple(h.shape[:2])} tensor, got "
                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
@@ -105,6 +106,10 @@ class Seq2SeqHead(nn.Module):
         super().__init__()
         _positive_int("vocab_size", vocab_size)
         _positive_int("d_model", d_model)
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                                        or not -vocab_size <= padding_idx < vocab_size):
+            raise ValueError(f"padding_idx must be None or an int in [-{vocab_size}, {vocab_size}), "
+                             f"got {padding_idx!r}")
         self.batch_first = batch_first
         self.d_model = d_model
         self.token_embedding = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx, device=device, dtype=dtype)

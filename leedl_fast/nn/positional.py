@@ -26,6 +26,10 @@ def sinusoidal_table(max_len: int, d_model: int, dtype: torch.dtype = torch.floa
     """The (max_len, d_model) sinusoid table, computed in float64 then cast to ``dtype``.
 
     An odd ``d_model`` ends with a sine column (its cosine partner would be column d_model)."""
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"max_len must be an int >= 0, got {max_len!r}")
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 0:
+        raise ValueError(f"d_model must be an int >= 0, got {d_model!r}")
     pos = torch.arange(max_len, dtype=torch.float64, device=device)[:, None]
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
     angle = pos / torch.pow(10000.0, two_i / d_model)  # (max_len, ceil(d_model / 2))
@@ -86,7 +90,8 @@ class SinusoidalPositionalEncoding(_PositionalEncoding):
     The table is a non-persistent buffer (rebuilt from the formula, never stored
     in a state_dict).  Input and output: (seq, batch, d_model), or
     (batch, seq, d_model) with ``batch_first=True``.  ``device`` and ``dtype`` place the table
-    (default float32; it is computed in float64 either way).
+    (default float32; it is computed in float64 either way: a dtype or device change by
+    ``.to()``, ``.double()`` and the like rebuilds it rather than casting the old one).
     """
 
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False,
@@ -97,6 +102,14 @@ class SinusoidalPositionalEncoding(_PositionalEncoding):
 
     def _table(self) -> torch.Tensor:
         return self.pe
+
+    def _apply(self, fn, recurse=True):
+        dtype, device = self.pe.dtype, self.pe.device
+        super()._apply(fn, recurse)
+        if (self.pe.dtype, self.pe.device) != (dtype, device):
+            # on the CPU, as not every device has float64; this also fills a table that to_empty() left empty
+            self.pe = sinusoidal_table(self.max_len, self.d_model, self.pe.dtype).to(self.pe.device)
+        return self
 
 
 class LearnedPositionalEncoding(_PositionalEncoding):

@@ -138,6 +138,53 @@ def test_cyclegan_errors():
     assert "loss_idt_A" not in losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     with pytest.raises(ValueError, match="norm"):
         ResnetGenerator(1, 1, norm="layer")
+    with pytest.raises(ValueError, match="init_gain"):
+        ResnetGenerator(1, 1, 4, 1, init_gain=-1)
+    with pytest.raises(ValueError, match="init_gain"):
+        NLayerDiscriminator(1, 4, 1, init_gain=float("nan"))
+    with pytest.raises(ValueError, match="seed"):
+        CycleGAN(1, 1, 2, 2, 0, seed="a")
+
+
+@pytest.mark.parametrize("name,value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0), ("lambda_A", float("inf")), ("lambda_B", float("nan")),
+    ("lambda_identity", float("inf")), ("lambda_A", -1.0), ("lambda_B", True),
+])
+def test_cyclegan_weights_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=name):
+        CycleGAN(1, 1, ngf=4, ndf=4, n_blocks=0, **{name: value})
+
+
+def _state(model):
+    """Every tensor a step could change: weights, both optimisers' moments, the pooled images."""
+    opt = [v for o in (model.optimizer_G, model.optimizer_D) for st in o.state.values() for v in st.values()]
+    return [t.detach().clone() for t in [*model.state_dict().values(), *opt, *model.fake_A_pool.images,
+                                         *model.fake_B_pool.images]]
+
+
+def _same_state(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("shape_B", [(3, 1, 8, 8), (2, 1, 9, 8)], ids=["batch", "size"])
+def test_cyclegan_refused_step_changes_nothing(shape_B):
+    """wgangp penalises D_A between real_B and G_A(real_A), so the two must match in batch and image size; the
+    refusal comes before the generators' update and before the pools are filled.  Other modes take them."""
+    real_A = torch.rand(2, 1, 8, 8)
+    model = CycleGAN(1, 1, ngf=4, ndf=4, n_blocks=1, n_layers_D=1, gan_mode="wgangp", pool_size=3)
+    before = _state(model)
+    with pytest.raises(ValueError, match="real_A and real_B"):
+        model.train_step(real_A, torch.rand(*shape_B))
+    assert _same_state(_state(model), before)
+    assert not model.fake_A_pool.images and not model.fake_B_pool.images
+    lsgan = CycleGAN(1, 1, ngf=4, ndf=4, n_blocks=1, n_layers_D=1, pool_size=3)
+    losses = lsgan.train_step(real_A, torch.rand(*shape_B))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # the pools now hold 8x8 fakes of B and shape_B-sized fakes of A: another image size is refused up front
+    before = _state(lsgan)
+    with pytest.raises(ValueError, match="real_A"):
+        lsgan.train_step(torch.rand(2, 1, 12, 12), torch.rand(*shape_B))
+    assert _same_state(_state(lsgan), before)
 
 
 

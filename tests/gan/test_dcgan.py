@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from leedl_fast.gan import (LATENT_DISTRIBUTIONS, ConditionalGenerator, Discriminator, Generator,
-                            ProjectionDiscriminator, mismatched_condition, sample_latent)
+                            ProjectionDiscriminator, apply_spectral_norm, init_weights, mismatched_condition,
+                            sample_latent)
 from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 SIZES = [1, 5, 8, (7, 5), (13, 17), 28]
@@ -67,6 +68,32 @@ def test_generator_and_discriminator_errors():
         Generator(latent_dim=0)
     with pytest.raises(ValueError, match="n_down"):
         Discriminator(image_size=4, n_down=3)
+    # the attention block takes at most 2048 channels: refused up front, naming the width the caller gave
+    with pytest.raises(ValueError, match="ndf=1100"):
+        Discriminator(8, 3, ndf=1100, attention=True)  # 2 * ndf channels after the first downsampling
+    with pytest.raises(ValueError, match="ngf=1100"):
+        Generator(8, 8, 1, ngf=1100, attention=True)
+    assert Discriminator(8, 1, ndf=1100).feature_dim == 2200  # without attention the width is not limited
+    with pytest.raises(ValueError, match="gain"):
+        init_weights(Generator(4, 8, 1, 4), gain=-1.0)
+
+
+def test_init_weights_initialises_the_original_of_spectral_normed_layers():
+    """A spectral-normed layer's stored weight (``parametrizations.weight.original``) gets the init, drawn as the
+    plain layer's weight is (the layers are visited in the same order, so the same seed gives the same values)."""
+    plain, normed = Discriminator(8, 1, 64), apply_spectral_norm(Discriminator(8, 1, 64))
+    torch.manual_seed(3)
+    init_weights(plain, gain=0.02)
+    torch.manual_seed(3)
+    init_weights(normed, gain=0.02)
+    kinds = (torch.nn.Conv2d, torch.nn.Linear)
+    layers = list(zip(*([m for m in net.modules() if isinstance(m, kinds)] for net in (plain, normed))))
+    assert len(layers) == 3  # stem, one downsampling, head
+    for p, n in layers:
+        assert torch.equal(n.parametrizations.weight.original, p.weight)
+        assert not n.bias.detach().any()
+    w = torch.cat([n.parametrizations.weight.original.detach().flatten() for _, n in layers])
+    assert abs(float(w.std()) - 0.02) < 0.001
 
 
 @pytest.mark.parametrize("distribution", LATENT_DISTRIBUTIONS)
@@ -91,6 +118,17 @@ def test_sample_latent_distributions(distribution):
         assert torch.allclose(z.norm(dim=1), torch.full((4000,), math.sqrt(17)))
 
 
+@pytest.mark.parametrize("distribution", LATENT_DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sample_latent_half_precision_is_the_float32_draw_rounded(distribution, dtype):
+    z = sample_latent(2000, 1000, distribution, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    z32 = sample_latent(2000, 1000, distribution, generator=torch.Generator().manual_seed(0))
+    assert z.dtype == dtype and torch.equal(z, z32.to(dtype))
+    if distribution in ("uniform", "truncated_normal"):  # symmetric about 0: unbiased within 5 standard errors
+        zd = z.double()
+        assert abs(float(zd.mean())) < 5 * float(zd.std()) / math.sqrt(zd.numel())
+
+
 def test_sample_latent_errors_and_options():
     with pytest.raises(ValueError, match="distribution"):
         sample_latent(3, 4, "cauchy")
@@ -101,6 +139,8 @@ def test_sample_latent_errors_and_options():
     assert sample_latent(0, 4).shape == (0, 4)
     assert sample_latent(2, 3, dtype=torch.float64).dtype == torch.float64
     assert float(sample_latent(500, 3, "truncated_normal", truncation=0.5).abs().max()) <= 0.5
+    with pytest.raises(ValueError, match="dtype"):
+        sample_latent(2, 3, dtype=torch.int64)
 
 
 def _class_models():
@@ -162,6 +202,27 @@ def test_condition_errors():
         ProjectionDiscriminator(8, 1, 4, num_classes=3, cond_dim=2)
     with pytest.raises(ValueError, match="num_classes"):
         ConditionalGenerator(5, 8, 1, 4, num_classes=0)
+
+
+def test_any_integer_label_dtype():
+    """Labels of any integer dtype give what int64 labels give (nn.Embedding itself takes int64/int32 only)."""
+    G, D = _class_models()
+    G.eval()
+    z, x, y = torch.randn(3, 6), torch.randn(3, 2, 7, 5), torch.tensor([0, 3, 1])
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(G(z, y.to(dtype)), G(z, y)), dtype
+        assert torch.equal(D(x, y.to(dtype)), D(x, y)), dtype
+
+
+def test_projection_discriminator_checks_the_condition_before_its_body():
+    """A refused condition leaves D as it was: the training-mode forward of a spectral-normed body would have
+    advanced its power iteration."""
+    _, D = _class_models()
+    apply_spectral_norm(D)
+    before = {k: v.clone() for k, v in D.state_dict().items()}
+    with pytest.raises(ValueError, match="condition"):
+        D(torch.randn(3, 2, 7, 5), torch.tensor([0, 4, 1]))
+    assert all(torch.equal(v, before[k]) for k, v in D.state_dict().items())
 
 
 def test_mismatched_condition():

@@ -72,6 +72,10 @@ def test_gan_loss_errors():
         GANLoss("lsgan")(torch.tensor([1, 2]), True)
     with pytest.raises(ValueError, match="prediction"):
         GANLoss("lsgan")(torch.empty(0), True)
+    with pytest.raises(ValueError, match="real_label"):
+        GANLoss("lsgan", real_label="a")
+    with pytest.raises(ValueError, match="fake_label"):
+        GANLoss("vanilla", fake_label=float("nan"))
     assert set(GAN_MODES) == {"lsgan", "vanilla", "hinge", "wgangp"}
 
 

@@ -102,3 +102,6 @@ def test_pool_errors():
         pool.query(torch.zeros(2, 1, 3, 3))
     with pytest.raises(ValueError, match="pool_size"):
         ImagePool(3).load_state_dict(ImagePool(4).state_dict())
+    for bad in ("a", 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            ImagePool(3, seed=bad)

@@ -121,6 +121,39 @@ def test_trainer_weights_must_be_finite(name, value):
         GANTrainer(*_uncond(), latent_dim=4, gan_mode="wgangp", **{name: value})
 
 
+@pytest.mark.parametrize("num_classes", [1, 0, -3, "10", True, 3.0])
+def test_trainer_num_classes_is_checked_up_front(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        GANTrainer(*_cond(), latent_dim=4, num_classes=num_classes)
+
+
+def test_batch_of_one_leaves_out_only_the_mismatch_it_cannot_form():
+    """Rolled conditions (vectors, or labels without num_classes) have no mismatched partner in a batch of one:
+    the step runs without that term.  Labels with num_classes always have a wrong class, so the term stays."""
+    real = torch.rand(1, 1, 7, 5) * 2 - 1
+    G = ConditionalGenerator(4, (7, 5), 1, 4, cond_dim=3)
+    D = ProjectionDiscriminator((7, 5), 1, 4, cond_dim=3)
+    for tr, cond, mismatch in ((GANTrainer(G, D, latent_dim=4), torch.randn(1, 3), False),
+                               (GANTrainer(*_cond(), latent_dim=4), torch.tensor([2]), False),
+                               (GANTrainer(*_cond(), latent_dim=4, num_classes=3), torch.tensor([2]), True)):
+        g0, d0 = _snapshot(tr.G), _snapshot(tr.D)
+        out = tr.step(real, cond)
+        assert ("loss_D_mismatch" in out) == mismatch
+        assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+        assert _moved(tr.G, g0) and _moved(tr.D, d0)
+
+
+def test_refused_mismatch_stops_the_step_before_g_runs():
+    """num_classes with a vector condition: the mismatched labels are refused before G's forward moved its
+    batch-norm statistics."""
+    G = ConditionalGenerator(4, (7, 5), 1, 4, cond_dim=3)
+    tr = GANTrainer(G, ProjectionDiscriminator((7, 5), 1, 4, cond_dim=3), latent_dim=4, num_classes=3)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    with pytest.raises(ValueError, match="num_classes"):
+        tr.step(torch.rand(2, 1, 7, 5), torch.randn(2, 3))
+    assert all(torch.equal(v, before[k]) for k, v in G.state_dict().items())
+
+
 def test_trainer_errors():
     with pytest.raises(ValueError, match="n_critic"):
         GANTrainer(*_uncond(), latent_dim=4, n_critic=0)
@@ -195,3 +228,18 @@ def test_text_condition_errors(torch_path):
         G(z, (torch.randint(1, 11, (3, 5)), torch.zeros(3, 5)))
     with pytest.raises(ValueError, match="text_encoder"):
         ConditionalGenerator(4, 8, 1, 4, text_encoder=torch.nn.Linear(2, 2))
+
+
+def test_text_encoder_takes_any_integer_dtype(torch_path):
+    enc = _text_encoder().eval()
+    tokens = torch.tensor([[3, 4, 5, 0], [7, 1, 2, 9]])
+    want = enc(tokens)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(enc(tokens.to(dtype)), want), dtype
+
+
+def test_text_conditional_batch_of_one(torch_path):
+    G = ConditionalGenerator(4, 8, 1, 4, text_encoder=_text_encoder())
+    D = ProjectionDiscriminator(8, 1, 4, text_encoder=_text_encoder())
+    out = GANTrainer(G, D, latent_dim=4).step(torch.rand(1, 1, 8, 8) * 2 - 1, torch.randint(1, 11, (1, 5)))
+    assert "loss_D_mismatch" not in out and all(torch.isfinite(torch.tensor(v)) for v in out.values())

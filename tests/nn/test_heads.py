@@ -34,6 +34,16 @@ def test_sequence_head_mean_pooling_with_padding(batch_first):
     assert torch.equal(head.pool(h, kpm)[0], torch.zeros(8))
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_sequence_head_empty_sequence_pools_to_zeros(batch_first):
+    """A length-0 sequence has no position to average: zeros, as for an all-padding mask, not 0/0."""
+    head = SequenceClassificationHead(4, 3, batch_first=batch_first)
+    h = torch.randn((2, 0, 4) if batch_first else (0, 2, 4))
+    assert torch.equal(head.pool(h), torch.zeros(2, 4))
+    assert torch.equal(head.pool(h, torch.zeros(2, 0, dtype=torch.bool)), torch.zeros(2, 4))
+    assert torch.equal(head(h), head.proj.bias.detach().expand(2, 3))
+
+
 def test_sequence_head_cls():
     head = SequenceClassificationHead(8, 2, pooling="cls", cls_index=0)
     h = torch.randn(5, 3, 8)
@@ -61,6 +71,9 @@ def test_seq2seq_head(tie, batch_first):
                      dtype=torch.float32)
     with pytest.raises(ValueError, match="ids"):
         head.embed(torch.zeros(3, dtype=torch.long))
+    for bad in (11, -12, 1.0):
+        with pytest.raises(ValueError, match="padding_idx"):
+            Seq2SeqHead(11, 6, padding_idx=bad)
 
 
 @pytest.mark.parametrize("device,dtype", [("meta", None), ("cpu", torch.float64)])

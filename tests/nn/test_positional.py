@@ -39,6 +39,24 @@ def test_sinusoidal_adds_table(batch_first, offset):
     assert len(enc.state_dict()) == 0  # the table is rebuilt from the formula, never stored
 
 
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(torch.float64), lambda m: m.half(),
+                                     lambda m: m.double().float()], ids=["double", "to", "half", "double-float"])
+def test_dtype_change_rebuilds_the_table(convert):
+    """The converted module's table is the one built in the new dtype (the float64 formula rounded once), not
+    the float32 table cast; it stays out of the state_dict."""
+    enc = convert(SinusoidalPositionalEncoding(8, max_len=300))
+    dtype = enc.pe.dtype
+    assert torch.equal(enc.pe, SinusoidalPositionalEncoding(8, max_len=300, dtype=dtype).pe)
+    assert_close(enc(torch.zeros(300, 1, 8, dtype=dtype))[:, 0], _formula(300, 8), dtype=dtype)
+    assert len(enc.state_dict()) == 0
+    enc.load_state_dict({}, strict=True)
+
+
+def test_to_empty_fills_the_table():
+    enc = SinusoidalPositionalEncoding(8, max_len=30, device="meta").to_empty(device="cpu")
+    assert torch.equal(enc.pe, sinusoidal_table(30, 8))
+
+
 def test_dropout():
     enc = SinusoidalPositionalEncoding(8, dropout=0.5)
     x = torch.randn(50, 4, 8)
@@ -79,3 +97,8 @@ def test_errors():
         enc(torch.zeros(8, 1, 5))
     with pytest.raises(ValueError, match="floating"):
         enc(torch.zeros(8, 1, 4, dtype=torch.long))
+    for bad in (-1, 4.5, True):
+        with pytest.raises(ValueError, match="max_len"):
+            sinusoidal_table(bad, 4)
+        with pytest.raises(ValueError, match="d_model"):
+            sinusoidal_table(4, bad)
