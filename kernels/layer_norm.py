@@ -15,8 +15,8 @@ the idea of FlashAttention's fused ``dropout_add_layer_norm`` and of Apex's fuse
 layer norm (facts only; no code taken from either).
 
 Forward: one program per row.  ``h`` is written (``STORE_H``) when the backward or
-the caller needs it; it is rounded to the storage dtype first and the statistics
-are taken of the rounded values, so y is exactly the layer norm of the stored h
+the caller needs it; stored or not, it is rounded to x's dtype and the statistics
+are taken of the rounded values, so y is exactly the layer norm of that h
 (the function torch's unfused dropout, add, layer_norm computes) and the backward,
 which reads the stored h, sees the same xhat.  mean and rstd are saved in fp32.
 
@@ -73,11 +73,12 @@ def _dropout_add_layer_norm_fwd_kernel(
         h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(res_ptr + row * stride_rm + offs_c, mask=mask, other=0.0).to(tl.float32)
+    # h rounded to x's dtype (h_ptr's, y's when h is not stored), stored or not: y = LN(rounded h) exactly,
+    # the same numbers with and without autograd, and the backward (reading the stored h) sees the same xhat.
+    h_st = h.to(h_ptr.dtype.element_ty)
     if STORE_H:
-        h_st = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_hm + offs_c, h_st, mask=mask)
-        # Normalise the stored (rounded) h: y = LN(h) exactly, and the backward sees the same xhat.
-        h = h_st.to(tl.float32)
+    h = h_st.to(tl.float32)
     mean = tl.sum(h, axis=0) / n_cols                                          # scalar
     hc = tl.where(mask, h - mean, 0.0)                                         # [BLOCK_C]
     var = tl.sum(hc * hc, axis=0) / n_cols                                     # scalar, biased

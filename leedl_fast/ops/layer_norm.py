@@ -117,7 +117,10 @@ def _dropout_add_layer_norm_torch(x, residual, weight, bias, eps, p, seed, retur
     else:
         y = F.layer_norm(h.float(), (c,), None if weight is None else weight.float(),
                          None if bias is None else bias.float(), eps).to(x.dtype)
-    return (y, h) if return_residual else y
+    if not return_residual:
+        return y
+    # h is x itself without residual and dropout in float32/64: a copy, so that updating h leaves x alone.
+    return y, (h.clone(memory_format=torch.contiguous_format) if h is x else h.contiguous())
 
 
 def _fwd_torch(x, residual, weight, bias, seed, eps, p, store_h):
@@ -152,6 +155,8 @@ def _bwd_torch(dy, dh_in, h, weight, mean, rstd, seed, p, has_residual, has_bias
     if p > 0.0:
         dh = row_dropout(dh, seed, p)
     dx = dh.to(h.dtype).contiguous()
+    if dx is dres:  # without dropout in float32/64 both are dh; a custom op's outputs may not alias
+        dx = dx.clone()
     dw = (dya * xhat).reshape(-1, c).sum(0).to(weight.dtype) if weight is not None else h.new_empty(0)
     db = dya.reshape(-1, c).sum(0).to(h.dtype) if has_bias else h.new_empty(0)
     return dx, dres, dw, db

@@ -273,3 +273,42 @@ def test_torch_compile_fullgraph(torch_path):
     assert_close(out, ref, dtype=torch.float32)
     for name, g, t in zip(("dx", "dresidual", "dweight", "dbias"), grads, (x, r, w, b)):
         assert_close(g, t.grad, dtype=torch.float32, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_no_grad_gives_the_same_numbers(any_path, dtype):
+    """y is the layer norm of h rounded to x's dtype whether or not h is kept for a backward: a large
+    residual and small x make the rounding visible in float16 (h's spacing is 0.5 near 1000)."""
+    g = torch.Generator().manual_seed(0)
+    r = (1000 + torch.arange(16, dtype=torch.float32)).repeat(3, 1).to(dtype).to(any_path)
+    x = (torch.rand(3, 16, generator=g) * 0.5).to(dtype).to(any_path)
+    with torch.no_grad():
+        y_nograd = dropout_add_layer_norm(x, r)
+    y_grad = dropout_add_layer_norm(x.clone().requires_grad_(), r).detach()
+    assert torch.equal(y_nograd, y_grad)
+    h = (x.float() + r.float()).to(dtype)
+    assert_close(y_nograd, F.layer_norm(h.double(), (16,)), dtype=dtype)
+
+
+def test_returned_residual_is_never_x(torch_path):
+    """Without residual and dropout h equals x; it is still a contiguous copy (updating h in place as the next
+    residual must leave x alone)."""
+    x = torch.randn(8, 6).t()                                    # (6, 8), non-contiguous
+    _, h = dropout_add_layer_norm(x, return_residual=True)
+    assert torch.equal(h, x) and h.is_contiguous() and h.data_ptr() != x.data_ptr()
+    h.add_(1.0)
+    assert not torch.equal(h, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_backward_without_dropout(torch_path, dtype):
+    """dx and dresidual are equal without dropout; the custom op returns them as two tensors (a compiled
+    backward refused aliased outputs)."""
+    x, r = (torch.randn(4, 12, dtype=dtype, requires_grad=True) for _ in range(2))
+    f = torch.compile(lambda x, r: dropout_add_layer_norm(x, r), fullgraph=True, backend="aot_eager")
+    w = torch.randn(4, 12, dtype=dtype)
+    (f(x, r) * w).sum().backward()
+    xr, rr = (t.detach().clone().requires_grad_() for t in (x, r))
+    (F.layer_norm(xr + rr, (12,)) * w).sum().backward()
+    assert_close(x.grad, xr.grad, dtype=dtype)
+    assert_close(r.grad, rr.grad, dtype=dtype)
