@@ -19,7 +19,7 @@ cdiv(M, BLOCK_M) rows with one torch sum: deterministic, no atomics.
 
 Activations (ACT):
     0 identity
-    1 relu          max(z, 0); derivative 1 where z > 0, else 0 (torch's convention at 0)
+    1 relu          max(z, 0), NaN kept; derivative 1 where z > 0 (or NaN), else 0 (torch's convention at 0)
     2 gelu          z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2));  derivative Phi(z) + z phi(z)
     3 gelu_tanh     0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3) (Hendrycks & Gimpel 2016);
                     computed as z * sigmoid(2u), the same function (0.5 (1 + tanh u) = sigmoid(2u)),
@@ -64,7 +64,7 @@ def _sigmoid_pair(t):
 @triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
     if ACT == 1:
-        a = tl.where(z > 0.0, z, 0.0)
+        a = tl.where(z <= 0.0, 0.0, z)       # F.relu: NaN stays NaN
     elif ACT == 2:
         a = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
@@ -78,24 +78,26 @@ def _act_fwd(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr):
+def _act_bwd(g, z, ACT: tl.constexpr):
+    """dz = g * act'(z); relu selects instead of multiplying, as torch's threshold_backward: g passes where
+    z > 0 or z is NaN, and an infinite g where z <= 0 gives 0, not inf * 0."""
     if ACT == 1:
-        d = tl.where(z > 0.0, 1.0, 0.0)
+        dz = tl.where(z <= 0.0, 0.0, g)
     elif ACT == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp2(-0.5 * z * z * 1.4426950408889634)  # exp(-z^2/2) / sqrt(2 pi)
-        d = cdf + z * pdf
+        dz = g * (cdf + z * pdf)
     elif ACT == 3:
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         s, one_minus_s = _sigmoid_pair(2.0 * u)
         du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)  # 0.134145 = 3 * 0.044715
-        d = s + z * s * one_minus_s * 2.0 * du
+        dz = g * (s + z * s * one_minus_s * 2.0 * du)
     elif ACT == 4:
         s, one_minus_s = _sigmoid_pair(z)
-        d = s * (1.0 + z * one_minus_s)
+        dz = g * (s * (1.0 + z * one_minus_s))
     else:
-        d = tl.full(z.shape, 1.0, tl.float32)
-    return d
+        dz = g
+    return dz
 
 
 @triton.jit
@@ -161,7 +163,7 @@ def _bias_act_bwd_kernel(
     g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         g = _dropout(g, seed, threshold, keep_scale, offs_m, start_n, n_cols, BLOCK_M, BLOCK_N)
-    dz = g * _act_grad(z, ACT)                                                      # [BLOCK_M, BLOCK_N]
+    dz = _act_bwd(g, z, ACT)                                                        # [BLOCK_M, BLOCK_N]
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_n[None, :], dz.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
         part = tl.sum(tl.where(mask, dz, 0.0), axis=0)                              # [BLOCK_N] fp32

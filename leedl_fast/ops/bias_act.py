@@ -61,7 +61,7 @@ def bias_act_dropout_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = N
     ``seed`` is required when ``dropout_p > 0`` (so the reference never draws)."""
     z = x if bias is None else x + bias
     if activation == "relu":
-        a = torch.where(z > 0, z, torch.zeros_like(z))
+        a = torch.where(z <= 0, torch.zeros_like(z), z)          # F.relu: NaN stays NaN
     elif activation == "gelu":
         a = 0.5 * z * (1.0 + torch.erf(z / 2.0 ** 0.5))
     elif activation == "gelu_tanh":

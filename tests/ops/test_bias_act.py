@@ -291,3 +291,24 @@ def test_one_dimensional_input(any_path, activation):
     dx, db = torch.ops.leedl_fast.bias_act_dropout_bwd(dy.float().to(any_path), x.float().to(any_path),
                                                        b.float().to(any_path), None, activation, 0.0)
     assert torch.equal(dx, db) and dx.data_ptr() != db.data_ptr()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_non_finite_values_as_torch_functional(any_path, activation):
+    """NaN and infinities in x and dy give what torch's own activation and its backward give (relu kept
+    NaN as 0 in the kernel, and turned an infinite gradient at z < 0 into NaN)."""
+    fns = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
+           "identity": lambda z: z}
+    x = torch.tensor([[float("nan"), -2.0, 0.0, 3.0, float("inf"), float("-inf"), -1.0, 2.0]])
+    dy = torch.tensor([[1.0, float("inf"), 2.0, float("nan"), 1.0, 1.0, -float("inf"), 0.5]])
+    xr = x.clone().requires_grad_()
+    want = fns[activation](xr)
+    want.backward(dy)
+    xa = x.to(any_path).requires_grad_()
+    got = bias_act_dropout(xa, activation=activation)
+    got.backward(dy.to(any_path))
+    for a, b, name in ((got, want, "y"), (xa.grad, xr.grad, "dx")):
+        a, b = a.detach().cpu(), b.detach()
+        same_nan = torch.equal(torch.isnan(a), torch.isnan(b))
+        finite = ~torch.isnan(b)
+        assert same_nan and torch.allclose(a[finite], b[finite], rtol=1e-5, atol=1e-6), (name, a, b)
