@@ -147,8 +147,8 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """
     check_tensor("x", x)
     dim = check_dim("dim", dim, x.dim())
-    if x.dim() == 0:
-        return torch.ones_like(x)
+    if x.dim() == 0:   # a row of one: 1, or NaN for an infinite or NaN x, differentiable, as torch.softmax
+        return softmax(x.reshape(1), 0).reshape(())
     if not torch.compiler.is_compiling() and not _use_triton(x):
         # The PyTorch path in eager mode: torch's own kernels and autograd, the same function
         # as the custom op's torch implementation, without the custom-op dispatch (tens of

@@ -92,6 +92,20 @@ def test_empty_and_scalar(any_path):
     assert softmax(torch.tensor(3.0, device=any_path)).item() == 1.0
 
 
+@pytest.mark.parametrize("value", [3.0, float("inf"), float("-inf"), float("nan")])
+def test_scalar_as_torch(any_path, value):
+    """A 0-d x is a row of one: torch.softmax's value (NaN for infinities and NaN) and a zero gradient."""
+    x = torch.tensor(value, device=any_path, requires_grad=True)
+    xr = torch.tensor(value, requires_grad=True)
+    y, want = softmax(x), torch.softmax(xr, 0)
+    assert y.shape == () and torch.equal(torch.isnan(y).cpu(), torch.isnan(want))
+    if not torch.isnan(want):
+        assert y.item() == want.item()
+        y.backward()
+        want.backward()
+        assert x.grad.item() == xr.grad.item() == 0.0
+
+
 def test_opcheck(torch_path):
     x = torch.randn(4, 9, requires_grad=True)
     torch.library.opcheck(torch.ops.leedl_fast.softmax.default, (x, 1))
