@@ -192,7 +192,9 @@ def _numpy_rounds(t: torch.Tensor) -> bool:
 
 def dropout_threshold(p: float) -> int:
     """The 16-bit threshold of drop probability ``p`` in [0, 1): round(p * 2**16), at most 2**16 - 1
-    (``leedl_fast.kernels.dropout.dropout_threshold``, the same function)."""
+    (``leedl_fast.kernels.dropout.dropout_threshold``, the same function).  ValueError for another p."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"p (the drop probability) must be a float in [0, 1), got {p!r}")
     return min(round(float(p) * _DROP_ONE), _DROP_ONE - 1)
 
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from leedl_fast.random import MAX_SEED, philox_normal, philox_randint4x, philox_uniform
+from leedl_fast.random import (MAX_SEED, dropout_keep, dropout_mask, dropout_scale, dropout_threshold, philox_normal,
+                               philox_randint4x, philox_uniform)
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -246,3 +247,12 @@ def test_torch_box_muller_agrees_with_numpy(monkeypatch):
     got = normal_rows(2**35 + 9, rows, 4099)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     assert not torch.equal(got[:, ::2], got[:, 1::2])          # both branches drawn, not one repeated
+
+
+@pytest.mark.parametrize("p", [-0.5, 1.0, 1.5, float("nan"), True, "0.1"])
+def test_dropout_helpers_refuse_a_probability_outside_0_1(p):
+    """p = -0.5 kept everything scaled by 2/3, p >= 1 was clamped, NaN raised a bare conversion error."""
+    for call in (lambda: dropout_threshold(p), lambda: dropout_scale(p),
+                 lambda: dropout_keep(1, torch.arange(3), 8, p), lambda: dropout_mask(1, (2, 8), p)):
+        with pytest.raises(ValueError, match="drop probability"):
+            call()
