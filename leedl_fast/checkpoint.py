@@ -7,13 +7,19 @@ A checkpoint is one file::
     header                      UTF-8 JSON: format version, recipe name, payload size and SHA-256, ...
     payload                     ``torch.save`` of a dict (models, optimisers, RNG states, ...)
 
-``save`` writes the whole file to a temporary file in the same folder, flushes
-and fsyncs it, then ``os.replace``-s it over the target (an atomic rename on
-POSIX and Windows), so a process killed during a write leaves the previous
-checkpoint untouched and loadable.  ``load`` checks the magic, the header, the
-length (a truncated file) and the digest (a corrupt file) before unpickling, and
-unpickles with ``weights_only=True``: a checkpoint holds tensors and plain
-Python values only, so loading one runs no code from the file.
+``save`` first checks that ``load`` will be able to read the payload back, then
+writes the whole file to a temporary file in the target's folder (for a symbolic
+link, the folder of the file it points to: the link stays a link), flushes and
+fsyncs it, then ``os.replace``-s it over the target (an atomic rename on POSIX
+and Windows), so a process killed during a write leaves the previous checkpoint
+untouched and loadable.  Several processes may save to one path at once: each
+save succeeds, and the file is the one renamed into place last.  A killed
+writer's temporary file is removed by a later save once it has not been
+modified for ``STALE_AFTER`` seconds (a live writer keeps writing to its own).
+``load`` checks the magic, the header, the length (a truncated file) and the
+digest (a corrupt file) before unpickling, and unpickles with
+``weights_only=True``: a checkpoint holds tensors and plain Python values only,
+so loading one runs no code from the file.
 
 Everything a user can get wrong (a missing, foreign, truncated, corrupt or newer
 file, or one written by another recipe) raises ``CheckpointError`` with a
@@ -21,6 +27,7 @@ one-line message; the CLI prints it and exits with status 2.
 """
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
 import io
@@ -29,21 +36,28 @@ import os
 import re
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "MAGIC", "save", "load", "read_header"]
+__all__ = ["CheckpointError", "FORMAT_VERSION", "MAGIC", "STALE_AFTER", "save", "load", "read_header"]
 
 MAGIC = b"LEEDLFCK"
 FORMAT_VERSION = 1
+STALE_AFTER = 15 * 60  # seconds without a write after which another writer's temporary file counts as dead
 _TMP_PREFIX = ".tmp-"  # temporary files: ".tmp-<name>.<random>"; a killed writer leaves one behind
+_NAME_MAX = 255  # bytes in a file name, on nearly every filesystem
 _MAX_HEADER = 1 << 20
+_CHUNK = 64 << 20  # bytes per write: each write refreshes the temporary file's mtime
+_ATTEMPTS = 3  # writes of the temporary file, when something else removes it before the rename
+_MKSTEMP_TAIL = re.compile(r"[A-Za-z0-9_]{8}")  # mkstemp's random part
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line meant for the user."""
+    """A checkpoint that cannot be used or written; the message is one line meant for the user."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -68,13 +82,113 @@ def _umask() -> int:
 
 def _write_all(f, data: bytes) -> None:
     """Write ``data`` to ``f``; a separate function so tests can make it fail half-way."""
-    f.write(data)
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        f.write(view[start: start + _CHUNK])
+
+
+# What ``torch.load(weights_only=True)`` reads back (checked against torch 2.13): these exact types (a subclass,
+# such as numpy.float64 of float or a namedtuple of tuple, is refused), storages, and containers of them.
+_LEAVES = frozenset({str, int, float, bool, complex, bytes, bytearray, type(None), torch.Size, torch.dtype,
+                     torch.device, torch.layout, torch.qscheme})
+_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.Counter})
+_SEQUENCES = frozenset({list, tuple, set})
+
+
+def _type_name(t: type) -> str:
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _where(place) -> str:
+    """The key path of a place in the payload: ``place`` is ``None`` (the payload) or (parent place, step)."""
+    steps = []
+    while place is not None:
+        place, step = place
+        steps.append(step)
+    return "payload" + "".join(reversed(steps))
+
+
+def _check_payload(payload) -> None:
+    """Raise ``ValueError`` naming the first value in ``payload`` that ``load`` could not read back."""
+    if type(payload) not in _MAPPINGS:
+        raise ValueError(f"payload must be a dict, got {_type_name(type(payload))}")
+    todo, seen = [(payload, None)], set()
+    while todo:
+        value, place = todo.pop()
+        t = type(value)
+        if t in _LEAVES or isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
+            continue
+        if id(value) in seen:  # shared or cyclic: pickle stores it once
+            continue
+        if t in _TENSORS:
+            seen.add(id(value))
+            todo += [(v, (place, f".{k}")) for k, v in vars(value).items()]  # attributes are pickled with it
+        elif t in _MAPPINGS:
+            seen.add(id(value))
+            for k, v in value.items():
+                todo += [(k, (place, f" (the key {k!r})")), (v, (place, f"[{k!r}]"))]
+        elif t in _SEQUENCES:
+            seen.add(id(value))
+            todo += [(v, (place, f"[{i}]" if t is not set else " (an element)")) for i, v in enumerate(value)]
+        else:
+            raise ValueError(
+                f"{_where(place)} is a {_type_name(t)}, which load (weights_only=True) cannot read back; store "
+                "tensors, str, int, float, bool, None, bytes, and dicts, lists, tuples and sets of them")
+
+
+def _tmp_prefix(name: str) -> str:
+    """The start of the names of ``name``'s temporary files, short enough for mkstemp's 8 more characters."""
+    prefix = f"{_TMP_PREFIX}{name}."
+    if len(os.fsencode(prefix)) + 8 <= _NAME_MAX:
+        return prefix
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]  # tells apart long names that start alike
+    room = _NAME_MAX - 8 - len(_TMP_PREFIX) - len(digest) - 2
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f"{_TMP_PREFIX}{name}~{digest}."
+
+
+def _remove_dead_temporaries(directory: Path, prefix: str) -> None:
+    # Writers killed mid-write left their temporary files (mkstemp's: the prefix, then 8 characters): remove
+    # them, and only them (not the temporary file of "<name>.bak", say, nor one another writer is writing).
+    now = time.time()
+    for stale in directory.iterdir():
+        if not (stale.name.startswith(prefix) and _MKSTEMP_TAIL.fullmatch(stale.name[len(prefix):])):
+            continue
+        try:
+            if now - stale.stat().st_mtime > STALE_AFTER:
+                stale.unlink()
+        except OSError:
+            pass
+
+
+def _write_temporary(directory: Path, prefix: str, parts: tuple[bytes, ...]) -> str:
+    """Write ``parts`` to a new fsynced temporary file in ``directory``; returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                _write_all(f, part)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # The keys ``save`` writes itself; ``extra_header`` may not replace them.
 _HEADER_KEYS = frozenset({"format", "version", "recipe", "created", "leedl_fast", "torch", "payload_bytes",
                           "payload_sha256"})
-_MKSTEMP_TAIL = re.compile(r"[A-Za-z0-9_]{8}")
 
 
 def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: dict | None = None) -> Path:
@@ -83,12 +197,23 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
     ``recipe`` names what wrote it; ``load(..., recipe=...)`` refuses a file of
     another recipe.  ``extra_header`` (JSON-able) is stored beside it and can be
     read with ``read_header`` without unpickling anything.  Returns the path.
+    Raises ``ValueError``, before writing anything, when the payload holds a
+    value ``load`` could not read back (a numpy scalar, a ``Path``, ...), and
+    ``CheckpointError`` when ``path`` is a directory.
     """
     path = Path(path)
     clash = sorted(set(extra_header or {}) & _HEADER_KEYS)
     if clash:
         raise ValueError(f"extra_header must not set the header's own keys {', '.join(clash)}")
-    directory = path.parent
+    try:
+        json.dumps(extra_header)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"extra_header must be JSON-able: {exc}") from None
+    _check_payload(payload)
+    target = Path(os.path.realpath(path))  # through symbolic links: the link stays, its target is replaced
+    if target.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
+    directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -107,31 +232,21 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
         **(extra_header or {}),
     }
     head = json.dumps(header, sort_keys=True).encode("utf-8")
-    # Earlier writers killed mid-write left their temporary files (mkstemp's: the prefix, then 8 characters):
-    # remove them, and only them (not the temporary file of "<name>.bak", say).
-    prefix = f"{_TMP_PREFIX}{path.name}."
-    for stale in directory.iterdir():
-        if not (stale.name.startswith(prefix) and _MKSTEMP_TAIL.fullmatch(stale.name[len(prefix):])):
-            continue
+    prefix = _tmp_prefix(target.name)
+    _remove_dead_temporaries(directory, prefix)
+    for attempt in range(_ATTEMPTS):
+        tmp = _write_temporary(directory, prefix, (MAGIC + struct.pack("<I", len(head)) + head, body))
         try:
-            stale.unlink()
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, MAGIC + struct.pack("<I", len(head)) + head)
-            _write_all(f, body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            os.replace(tmp, target)
+            break
+        except FileNotFoundError:
+            # Something else (an older leedl_fast, a clean-up script) removed it before the rename: write it again.
+            if os.path.lexists(tmp) or attempt == _ATTEMPTS - 1:
+                _unlink(tmp)
+                raise
+        except BaseException:
+            _unlink(tmp)
+            raise
     _fsync_dir(directory)
     return path
 
@@ -186,6 +301,14 @@ def read_header(path: str | os.PathLike) -> dict:
     return _read(Path(path))[0]
 
 
+def _reason(exc: Exception) -> str:
+    """One readable line out of torch's multi-line, ANSI-coloured message: the one naming what it refused."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    named = [x for x in lines if "GLOBAL" in x or x.startswith("WeightsUnpickler error:")]
+    line = (named or lines or [""])[0]
+    return line.split(" Please use `torch.serialization", 1)[0] or type(exc).__name__
+
+
 def load(path: str | os.PathLike, *, recipe: str | None = None,
          map_location: Any = "cpu") -> tuple[dict, dict]:
     """Read a checkpoint written by ``save``: returns ``(header, payload)``.
@@ -201,8 +324,7 @@ def load(path: str | os.PathLike, *, recipe: str | None = None,
     try:
         payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except Exception as exc:  # the digest matched, so the writer stored something we refuse to unpickle
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {first}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {_reason(exc)}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt (payload is not a dict)")
     return header, payload
