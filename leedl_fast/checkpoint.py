@@ -281,7 +281,9 @@ def _read(path: Path) -> tuple[dict, bytes]:
     if header.get("format") != "leedl_fast.checkpoint":
         raise CheckpointError(f"{path} is not a leedl_fast checkpoint")
     version = header.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint {path} is corrupt (format version {version!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {version!r}; this leedl_fast reads up to {FORMAT_VERSION} "
             "(upgrade leedl_fast)")

@@ -195,6 +195,16 @@ def test_newer_format_is_refused(tmp_path, monkeypatch):
         ckpt.load(path)
 
 
+@pytest.mark.parametrize("version", [True, 0, -1, "1", None])
+def test_impossible_format_version_is_refused(tmp_path, monkeypatch, version):
+    """The digest covers the payload only; the header's version is checked for what it can be."""
+    monkeypatch.setattr(ckpt, "FORMAT_VERSION", version)
+    path = ckpt.save(tmp_path / "c.pt", {"step": 1}, recipe="toy")
+    monkeypatch.undo()
+    with pytest.raises(ckpt.CheckpointError, match="corrupt \\(format version"):
+        ckpt.load(path)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo should-not-run",))
