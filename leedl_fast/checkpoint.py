@@ -75,6 +75,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux); elsewhere set and
+    restored, which briefly changes it for other threads."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

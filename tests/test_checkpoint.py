@@ -77,6 +77,21 @@ def test_roundtrip_keeps_every_value_and_header(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temporary file left
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_file_mode_follows_the_umask_without_changing_it(tmp_path, monkeypatch, mask):
+    """The umask is read, not set and restored (that changes it for other threads meanwhile), where the
+    system shows it."""
+    old = os.umask(mask)
+    try:
+        if os.path.exists("/proc/self/status"):
+            monkeypatch.setattr(os, "umask", lambda m: pytest.fail("save changed the umask"))
+        path = ckpt.save(tmp_path / "c.pt", {"step": 1}, recipe="toy")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_failure_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     path = ckpt.save(tmp_path / "c.pt", _payload(1.0), recipe="toy")
     before = path.read_bytes()
