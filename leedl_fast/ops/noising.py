@@ -222,6 +222,7 @@ def _q_sample_seeded_setup(ctx, inputs, output):
     ctx.save_for_backward(t, alphas_cumprod)
     ctx.x0_dtype, ctx.noise_dtype = x0.dtype, x0.dtype
     ctx.needs_x0, ctx.needs_noise = ctx.needs_input_grad[0], False
+    ctx.mark_non_differentiable(output[1])   # eps depends on the seed alone
 
 
 def _q_sample_seeded_backward(ctx, g, g_eps):

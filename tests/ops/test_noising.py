@@ -93,7 +93,8 @@ def test_q_sample_gradients(any_path):
     assert_close(nd.grad, torch.zeros_like(nr) if nr.grad is None else nr.grad, dtype=torch.float32, name="dnoise")
     # seeded: the gradient reaches x0 only
     xs = x0.float().to(any_path).requires_grad_()
-    out, _ = q_sample(xs, t.to(any_path), ac.to(any_path), seed=3)
+    out, eps = q_sample(xs, t.to(any_path), ac.to(any_path), seed=3)
+    assert not eps.requires_grad                     # the drawn noise does not depend on x0
     out.backward(g.float().to(any_path))
     assert_close(xs.grad, xr.grad, dtype=torch.float32, name="dx0 seeded")
 
