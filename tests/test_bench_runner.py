@@ -105,6 +105,46 @@ def test_time_budget_is_shared_so_a_slow_module_cannot_starve_the_next(tmp_path,
     assert len(fast) == 3 and all(r.get("error") is None for r in fast)
 
 
+def test_time_budget_follows_the_modules_weights(tmp_path, monkeypatch):
+    """A module's share is proportional to its BUDGET_WEIGHT (attention holds most of the GPU cases); a
+    ceilings failure is recorded and the cases still run; the markdown table is written with the JSON."""
+    import time
+    import types
+
+    import torch
+
+    from leedl_fast.bench.common import Case
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+
+    def tick():
+        clock["now"] += 10.0
+
+    def module(name, n, weight):
+        def cases(device, quick):
+            for i in range(n):
+                yield Case(op=name, mode="fwd", dtype=torch.float32, shape={"i": i}, ours=tick, peers={})
+        return types.SimpleNamespace(__name__=f"fake.{name}", OPS=(name,), cases=cases, BUDGET_WEIGHT=weight)
+
+    def broken_ceilings(device, quick=False):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    mods = [module("heavy", 10, 3.0), module("light", 10, 1.0)]
+    monkeypatch.setattr(runner, "case_modules", lambda ops=None: mods)
+    monkeypatch.setattr(runner, "ceilings", broken_ceilings)
+    monkeypatch.setattr(runner, "time_ms", lambda fn, device, quick=False: (fn(), 1.0)[1])
+    monkeypatch.setattr(runner, "peak_mb", lambda fn, device: None)
+    report = runner.run(quick=True, ops=None, out=tmp_path, checks=False, device="cpu", log=lambda m: None,
+                        time_budget_s=100.0)
+    data = json.loads(Path(report["files"][0]).read_text())
+    ran = {op: sum(r.get("error") is None for r in data["results"] if r["op"] == op) for op in ("heavy", "light")}
+    # heavy: 3/4 of 100 s = 75 s: cases start at 0, 10, ..., 70 (8 run); light: the 25 s left: 0, 10, 20 (3 run)
+    assert ran == {"heavy": 8, "light": 3}
+    assert "illegal memory access" in data["ceilings_error"]
+    assert Path(report["files"][1]).read_text().count("heavy") >= 8
+
+
 def test_gpu_suite_runs_from_a_bare_checkout(tmp_path):
     """On a GPU machine the tree arrives without an install: the suite maps kernels/ itself."""
     code = f"""

@@ -300,22 +300,30 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
     json_path = out / f"{stem}.json"
 
     def save() -> None:
+        # Both files after every step: a run killed by a time limit still leaves a readable table.
         json_path.write_text(json.dumps(report, indent=1, default=str))
+        (out / f"{stem}.md").write_text(markdown_table(report))
 
     log(f"device: {report['device']}; torch {report['torch']}; triton {triton_version}")
     if checks:
         report["checks"] = run_checks(mods, device, log)
         save()
-    report["ceilings"] = ceilings(device, quick=quick)
+    try:
+        report["ceilings"] = ceilings(device, quick=quick)
+    except Exception as exc:  # recorded; the cases run without the fractions of the limits
+        log(f"ceilings failed: {type(exc).__name__}: {exc}")
+        report["ceilings_error"] = f"{type(exc).__name__}: {exc}"[:500]
     save()
     log("ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in report["ceilings"].items()))
+    _allow_recompiles()
+    weights = [float(getattr(m, "BUDGET_WEIGHT", 1.0)) for m in mods]
     for i, mod in enumerate(mods):
-        # The budget left is shared among the modules still to run, so a module with many cases cannot starve
-        # the ones after it; what a module leaves unused passes to the next.
+        # The budget left is shared among the modules still to run in proportion to their BUDGET_WEIGHT, so a
+        # module with many cases cannot starve the ones after it; what a module leaves unused passes on.
         deadline = None
         if time_budget_s is not None:
             left = time_budget_s - (time.time() - t_start)
-            deadline = time.time() + max(0.0, left) / (len(mods) - i)
+            deadline = time.time() + max(0.0, left) * weights[i] / sum(weights[i:])
         gen = mod.cases(device, quick)
         while True:
             try:
@@ -349,12 +357,26 @@ def run(*, quick: bool, ops: list[str] | None, out: Path, checks: bool, device: 
             save()
             del case
             if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.empty_cache()
+                except Exception as exc:  # a sticky CUDA error: the files must still be written
+                    log(f"empty_cache failed: {type(exc).__name__}: {exc}")
     save()
-    (out / f"{stem}.md").write_text(markdown_table(report))
     report["files"] = [str(json_path), str(out / f"{stem}.md")] + [str(p) for p in plot(report, out)]
     log("wrote " + ", ".join(report["files"]))
     return report
+
+
+def _allow_recompiles() -> None:
+    """Let torch.compile keep a graph per case shape: the compiled peers (FlexAttention, the unfused
+    expressions) recompile per shape and grad mode, and past dynamo's default limit of 8 a peer would
+    fall back to eager (FlexAttention's eager path materialises the scores) or to dynamic shapes."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+            break
 
 
 def cli(args) -> int:

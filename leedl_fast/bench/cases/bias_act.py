@@ -52,7 +52,7 @@ def cases(device: str, quick: bool):
             shape = {"M": m, "C": c, "act": act, "p": _P}
             peers = {"torch": lambda x=x, b=bias, a=act: _unfused(x, b, a, _P)}
             if gpu:
-                fn = torch.compile(_unfused)
+                fn = torch.compile(_unfused, dynamic=False)
                 peers["torch_compile"] = lambda f=fn, x=x, b=bias, a=act: f(x, b, a, _P)
             yield Case("bias_act", "fwd", dtype, shape,
                        lambda x=x, b=bias, a=act: bias_act_dropout(x, b, activation=a, dropout_p=_P, seed=1234),
@@ -71,7 +71,7 @@ def cases(device: str, quick: bool):
 
             peers = {"torch": lambda p=peer: p(_unfused)}
             if gpu:
-                fn = torch.compile(_unfused)
+                fn = torch.compile(_unfused, dynamic=False)
                 peers["torch_compile"] = lambda p=peer, f=fn: p(f)
             yield Case("bias_act", "fwd+bwd", dtype, shape, ours, peers,
                        bytes=5 * n * elt + _partial_bytes(m, c))

@@ -78,7 +78,11 @@ def check(device: str):
     out = []
     s = {"B": 2, "N": 77, "E": 128, "H": 2, "FF": 256}
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    for dtype, floor in ((torch.float16, 2e-2), (torch.bfloat16, 1e-1), (torch.float32, 2e-3)):
+    # fp32 on CUDA: our attention's tl.dot runs TF32 products (torch.nn's fp32 layer does not), ~1e-3 relative
+    # error, amplified by two LayerNorm backwards in dx: an emulation of the kernel's TF32 rounding gave 6e-3
+    # to 6e-2 on these inputs, so the floor there is bf16-like.
+    fp32_floor = 1e-1 if str(device).startswith("cuda") else 2e-3
+    for dtype, floor in ((torch.float16, 2e-2), (torch.bfloat16, 1e-1), (torch.float32, fp32_floor)):
         for causal in (False, True):
             try:
                 ours, ref = _pair(s, 0.0, device, dtype)
