@@ -194,6 +194,16 @@ class _ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
+def _rank_position(per_rank: int, old_world: int, rank: int, world: int) -> int:
+    """This rank's position in the epoch after ``old_world`` ranks consumed ``per_rank`` examples each.
+
+    ``DistributedSampler`` deals the epoch's order out round-robin (rank r gets positions r, r + W, ...),
+    so those ranks consumed exactly its first ``per_rank * old_world`` positions; of them, rank ``rank`` of
+    ``world`` would have held the positions p = rank (mod world) below that count."""
+    consumed = per_rank * old_world
+    return max(0, -(-(consumed - rank) // world))
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -419,6 +429,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
         # Older checkpoints counted batches (of their own batch size) instead of examples.
         in_epoch = int(data.get("sample_in_epoch",
                                 int(data.get("batch_in_epoch", 0)) * int(data.get("batch_size", args.batch_size))))
+        in_epoch = _rank_position(in_epoch, int(data.get("world_size", 1)), info.rank, info.world_size)
         history = [(int(s), dict(l)) for s, l in payload.get("history", [])]
         saved_args = payload.get("args", {})
         keys = dict.fromkeys((*_ARG_KEYS_THAT_CHANGE_RESULTS, *getattr(recipe, "args_that_change_results", ())))

@@ -255,3 +255,21 @@ def test_sample_loads_the_weights(reference, tmp_path):
     net.eval()
     want = net(torch.linspace(-1, 1, 12).reshape(-1, 4)).flatten().tolist()
     assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("old_world", [1, 2, 3])
+@pytest.mark.parametrize("new_world", [1, 2, 4])
+@pytest.mark.parametrize("per_rank", [0, 5, 12])
+def test_resume_with_another_world_size_continues_the_epoch(old_world, new_world, per_rank):
+    """After old_world ranks consumed per_rank examples each, the new ranks together see exactly the rest of the
+    epoch's order, each example once (what one process would see next)."""
+    data = list(range(41))
+    order = list(training._ResumableSampler(data, 1, 0, seed=3))          # the epoch's order, one process
+    assert per_rank * old_world <= len(order)
+    rest = []
+    for rank in range(new_world):
+        sampler = training._ResumableSampler(data, new_world, rank, seed=3)
+        sampler.skip = training._rank_position(per_rank, old_world, rank, new_world)
+        rest += list(sampler)
+    usable = len(data) // new_world * new_world                            # DistributedSampler's drop_last
+    assert sorted(rest) == sorted(order[per_rank * old_world:usable])
