@@ -916,6 +916,16 @@ class _AttentionGrads(torch.autograd.Function):
         return (*(None if t is None else t.to(x.dtype) for t, x in zip(d, xs)), None, None)
 
 
+def _first_backward(first, do, q, k, v, problem):
+    """``first()``, the fused backward's (dq, dk, dv); wrapped in ``_AttentionGrads`` when the backward runs
+    with create_graph=True (grad mode on inside it), so that the gradients are differentiable.  ``problem()``
+    gives ``_grads_dense``'s arguments; it is called only then (reading the custom op's seed tensor while
+    torch.compile traces a backward would be a data-dependent guard)."""
+    if torch.is_grad_enabled():
+        return _AttentionGrads.apply(do, q, k, v, first, problem())
+    return first()
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 def _use_triton(q: torch.Tensor) -> bool:
@@ -979,11 +989,7 @@ def _backward(ctx, do, _dlse):
     def first():
         return _attention_bwd_op(do, q, k, v, o, lse, kpm, seed, scale, left, right, dropout_p)
 
-    if torch.is_grad_enabled():   # create_graph=True: the gradients must be differentiable
-        dq, dk, dv = _AttentionGrads.apply(do, q, k, v, first,
-                                           (kpm, seed_int(seed), scale, left, right, dropout_p))
-    else:
-        dq, dk, dv = first()
+    dq, dk, dv = _first_backward(first, do, q, k, v, lambda: (kpm, seed_int(seed), scale, left, right, dropout_p))
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -1033,10 +1039,7 @@ class _EagerTorchAttention(torch.autograd.Function):
             (lse,) = saved
             return _attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, left, right, dropout_p, seed)
 
-        if torch.is_grad_enabled():   # create_graph=True: the gradients must be differentiable
-            dq, dk, dv = _AttentionGrads.apply(do, q, k, v, first, ctx.problem)
-        else:
-            dq, dk, dv = first()
+        dq, dk, dv = _first_backward(first, do, q, k, v, lambda: ctx.problem)
         return dq, dk, dv, None, None, None, None, None, None
 
 
