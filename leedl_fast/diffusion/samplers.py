@@ -31,10 +31,10 @@ class _Sampler:
 
     def _build(self, schedule: NoiseSchedule, timesteps: torch.Tensor, rows: list, noise_flags: list,
                clip_sample: bool, clip_sample_range: float) -> None:
-        self._clip = _check_clip(clip_sample, clip_sample_range)
         self.schedule = schedule
         self.timesteps = timesteps
-        self.clip_sample, self.clip_sample_range = clip_sample, float(clip_sample_range)
+        self.clip_sample, self.clip_sample_range = clip_sample, float(clip_sample_range)   # checked by _check_common
+        self._clip = self.clip_sample_range if clip_sample else None
         self._index = {int(t): i for i, t in enumerate(timesteps.tolist())}
         self._table64 = torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

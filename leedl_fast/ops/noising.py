@@ -67,8 +67,8 @@ def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _sqrt_coefs(t: torch.Tensor, alphas_cumprod: torch.Tensor, acc: torch.dtype, ndim: int):
-    """sqrt(abar_t), sqrt(1 - abar_t) per sample, shaped to broadcast against an ndim-D batch."""
-    _check_t_async(t, alphas_cumprod.shape[0])
+    """sqrt(abar_t), sqrt(1 - abar_t) per sample, shaped to broadcast against an ndim-D batch (t already
+    range-checked by the op's body: ``_q_sample_torch``, ``_loss_diff_torch``)."""
     abar = alphas_cumprod.to(acc)[t.long()]
     return _per_sample(torch.sqrt(abar), ndim), _per_sample(torch.sqrt(1.0 - abar), ndim)
 
@@ -153,6 +153,7 @@ def q_sample_reference(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.
 
 
 def _q_sample_torch(x0, t, alphas_cumprod, eps) -> torch.Tensor:
+    _check_t_async(t, alphas_cumprod.shape[0])
     acc = _acc(x0.dtype)
     sa, sb = _sqrt_coefs(t, alphas_cumprod, acc, x0.dim())
     return (sa * x0.to(acc) + sb * eps.to(acc)).to(x0.dtype).contiguous()
@@ -281,7 +282,7 @@ def noise_prediction_loss_reference(pred: torch.Tensor, x0: torch.Tensor, t: tor
 
 def _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target):
     acc = _acc(pred.dtype if pred.dtype == torch.float64 else x0.dtype)
-    _check_t_async(t, alphas_cumprod.shape[0])      # also for the targets that do not read abar_t
+    _check_t_async(t, alphas_cumprod.shape[0])      # for every target, also those that do not read abar_t
     if target == "sample":
         tgt = x0.to(acc)
     else:
