@@ -26,13 +26,12 @@ so that the frozen forward does not wait for gradients.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from .dcgan import sample_latent
+from .dcgan import _finite_number, sample_latent
 from .losses import GANLoss, gradient_penalty
 from .conditional import mismatched_condition
 
@@ -155,11 +154,11 @@ class GANTrainer:
                  mismatch_weight: float = 1.0, latent_distribution: str = "normal"):
         if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
             raise ValueError(f"n_critic must be an int >= 1, got {n_critic!r}")
-        for name, value, low in (("lr_g", lr_g, "> 0"), ("lr_d", lr_d, "> 0"), ("mismatch_weight", mismatch_weight, ">= 0"),
-                                 ("lambda_gp", 0.0 if lambda_gp is None else lambda_gp, ">= 0")):
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or not (value > 0 if low == "> 0" else value >= 0)):
-                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+        _finite_number("lr_g", lr_g, positive=True)
+        _finite_number("lr_d", lr_d, positive=True)
+        _finite_number("mismatch_weight", mismatch_weight)
+        if lambda_gp is not None:
+            _finite_number("lambda_gp", lambda_gp)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
             raise ValueError(f"num_classes must be None or an int >= 2, got {num_classes!r}")
