@@ -416,7 +416,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
                         generator=loader_gen, num_workers=0, pin_memory=device.type == "cuda")
 
     # The position in the data is the number of examples this rank consumed in the epoch, so a resumed
-    # run with another --batch-size continues where the checkpoint stopped.
+    # run with another --batch-size (or number of processes, _rank_position) continues where it stopped.
     step, epoch, in_epoch = 0, 0, 0
     history: list[tuple[int, dict]] = []
     seed_everything(_derived_seed(seed, info.rank))
@@ -433,8 +433,8 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
         history = [(int(s), dict(l)) for s, l in payload.get("history", [])]
         saved_args = payload.get("args", {})
         keys = dict.fromkeys((*_ARG_KEYS_THAT_CHANGE_RESULTS, *getattr(recipe, "args_that_change_results", ())))
-        changed = [k for k in keys
-                   if k in saved_args and saved_args[k] != _json_args(args).get(k)]
+        now = _json_args(args)
+        changed = [k for k in keys if k in saved_args and saved_args[k] != now.get(k)]
         if data.get("world_size", 1) != info.world_size:
             changed.append(f"world size ({data.get('world_size')} -> {info.world_size})")
         if changed:
