@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import inspect
 import io
 import json
@@ -367,6 +368,12 @@ def train(recipe, args: argparse.Namespace, *, log: Callable[[str], None] | None
         return _train(recipe, args, info, device, log, progress)
     finally:
         if info.initialized_here and dist.is_initialized():
+            # DistributedDataParallel sits in a reference cycle, so its reducer, which holds the process
+            # group, outlives _train until the garbage collector runs: left alone, possibly during the
+            # interpreter's teardown, where destroying gloo's work objects (tensors that need the GIL)
+            # can abort the process ("terminate called without an active exception").  Collect now,
+            # so that destroy_process_group frees the group while the interpreter is whole.
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -50,9 +50,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_torchrun_two_cpu_processes_on_gloo(tmp_path):
+    """Two ranks train the toy recipe; each frees its DDP wrapper (and so its process group) before the
+    interpreter's teardown, even with the garbage collector off (tests/cli/torchrun_main.py)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "leedl_fast", "train", TOY, "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
+           "-m", "tests.cli.torchrun_main", "train", TOY, "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
            "--device", "cpu", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,6 +67,7 @@ def test_torchrun_two_cpu_processes_on_gloo(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "loss.png", "metrics.csv", "results.json",
                                                      "toy_finish.txt"]
     assert proc.stderr.count("toy: 4 steps in") == 1  # only rank 0 reports
+    assert proc.stderr.count("DDP wrappers alive at destroy_process_group: 0") == 2, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- demo
