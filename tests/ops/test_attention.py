@@ -268,11 +268,11 @@ def test_banded_torch_path_never_allocates_n_by_n(torch_path):
     kpm = torch.rand(1, n) < 0.1
     scale = 1 / math.sqrt(d)
     with Biggest():
-        o, lse = attn_mod._attention_fwd_torch(q, k, v, kpm, scale, *w, 0.0, 0)
+        o, lse, _ = attn_mod._attention_fwd_torch(q, k, v, kpm, scale, *w, 0.0, 0)
         attn_mod._attention_bwd_torch(do, q, k, v, o, lse, kpm, scale, *w, 0.0, 0)
         # dropout takes the plain-math path (Philox is slow: a quarter of the length)
         m = n // 4
-        o2, lse2 = attn_mod._attention_fwd_torch(q[:, :, :m], k[:, :, :m], v[:, :, :m], kpm[:, :m], scale, *w, 0.1, 3)
+        o2, lse2, _ = attn_mod._attention_fwd_torch(q[:, :, :m], k[:, :, :m], v[:, :, :m], kpm[:, :m], scale, *w, 0.1, 3)
         attn_mod._attention_bwd_torch(do[:, :, :m], q[:, :, :m], k[:, :, :m], v[:, :, :m], o2, lse2, kpm[:, :m],
                                       scale, *w, 0.1, 3)
     assert Biggest.largest <= 64 * n * d, f"largest tensor {Biggest.largest} elements vs N^2 = {n * n}"
@@ -499,22 +499,31 @@ def test_torch_compile_draws_seed_in_graph(torch_path):
     assert not torch.equal(a, attention(q, q, q))
 
 
+@pytest.mark.parametrize("save_probs", [False, True], ids=["recomputed", "saved_probs"])
 @pytest.mark.parametrize("block_scores", [None, 300], ids=["one_block", "many_blocks"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (3, 5)], ids=str)
-def test_plain_math_path(window, p, block_scores, monkeypatch):
+def test_plain_math_path(window, p, block_scores, save_probs, monkeypatch):
     """The math blocks (the torch path off the CPU, and with dropout), with and without dropout, in one
-    block and split into many (query blocks of one or a few rows, ragged last block)."""
+    block and split into many (query blocks of one or a few rows, ragged last block); the backward from
+    the forward's saved +-probabilities (one block only) or recomputing them."""
     if block_scores is not None:
         monkeypatch.setattr(attn_mod, "_MATH_BLOCK_SCORES", block_scores)
         assert len(list(attn_mod._math_blocks(45, 50, *window, 2, 4))) > 4
     q, k, v, do, kpm = _inputs(2, 4, 2, 45, 50, 16, pad="random")
+    kpm[1] = True                                                    # a batch row that sees no key at all
     left, right = window
     o = torch.empty(q.shape, dtype=F64)
     lse = torch.empty(q.shape[:3], dtype=F64)
-    attn_mod._fwd_math(q, k, v, kpm, 0.25, left, right, p, 7, o, lse)
+    _, probs = attn_mod._fwd_math(q, k, v, kpm, 0.25, left, right, p, 7, o, lse, save_probs)
+    one_block = len(list(attn_mod._math_blocks(45, 50, *attn_mod._effective_band(45, 50, left, right), 2, 4))) == 1
+    assert (probs is not None) == (save_probs and one_block)
+    if probs is not None and p > 0:              # the sign marks exactly the drops of the Philox mask
+        keep = attn_mod._dropout_keep(7, q, 50, 0, 45, *attn_mod._key_range(0, 45, 45, 50, left, right), p)
+        assert torch.equal(probs.reshape(keep.shape) > 0, keep & (probs.reshape(keep.shape) != 0))
+        assert bool((probs.reshape(keep.shape)[~keep] <= 0).all())
     dq, dk, dv = (torch.empty(t.shape, dtype=F64) for t in (q, k, v))
-    attn_mod._bwd_math(do, q, k, v, o, lse, kpm, 0.25, left, right, p, 7, dq, dk, dv)
+    attn_mod._bwd_math(do, q, k, v, o, lse, kpm, 0.25, left, right, p, 7, dq, dk, dv, probs=probs)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref, ref_lse = attention_reference(qr, kr, vr, window=window, key_padding_mask=kpm, scale=0.25, return_lse=True,
                                        dropout_p=p, seed=7)
