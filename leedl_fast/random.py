@@ -35,10 +35,11 @@ import sys
 import numpy as np
 import torch
 
+from ._checks import MAX_SEED, check_number, check_seed
+
 __all__ = ["philox_uniform", "philox_normal", "philox_randint4x", "dropout_keep", "dropout_mask", "dropout_threshold",
            "dropout_scale", "normal_rows", "normal_noise", "MAX_SEED"]
 
-MAX_SEED = 2**63 - 1
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -67,11 +68,7 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_seed(seed: int) -> int:
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    return seed
+    return check_seed(seed)
 
 
 def _check_offsets(offsets: torch.Tensor) -> torch.Tensor:
@@ -193,9 +190,8 @@ def _numpy_rounds(t: torch.Tensor) -> bool:
 def dropout_threshold(p: float) -> int:
     """The 16-bit threshold of drop probability ``p`` in [0, 1): round(p * 2**16), at most 2**16 - 1
     (``leedl_fast.kernels.dropout.dropout_threshold``, the same function).  ValueError for another p."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"p (the drop probability) must be a float in [0, 1), got {p!r}")
-    return min(round(float(p) * _DROP_ONE), _DROP_ONE - 1)
+    p = check_number("p (the drop probability)", p, 0, 1, hi_open=True)
+    return min(round(p * _DROP_ONE), _DROP_ONE - 1)
 
 
 def dropout_scale(p: float) -> float:

@@ -10,11 +10,13 @@ beyond a table lookup.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
 
-from ..ops.noising import (PREDICTION_TYPES, VARIANCE_TYPES, _acc, _as_int, _check_clip, _check_eta, _check_seed,
+from .._checks import check_int, check_seed
+from ..ops.noising import (PREDICTION_TYPES, VARIANCE_TYPES, _acc, _as_int, _check_clip, _check_eta,
                            ddim_step_coefficients, ddpm_step_coefficients, draw_seed, fused_step)
 from .schedule import NoiseSchedule
 
@@ -54,7 +56,7 @@ class _Sampler:
         ``noise``: the Gaussian noise to add (x_t's shape), or it is drawn from the
         Philox stream of ``seed`` (from torch's generator when None)."""
         key = _as_int(t)
-        if isinstance(key, bool) or not isinstance(key, int) or key not in self._index:
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key not in self._index:
             raise ValueError(f"t={t!r} is not one of this sampler's timesteps")
         i = self._index[key]
         if not isinstance(x_t, torch.Tensor):
@@ -69,7 +71,7 @@ class _Sampler:
         returns the model output.  ``seed`` makes the run reproducible (initial noise and every step); None
         draws one from torch's default generator, so ``torch.manual_seed`` makes the run reproducible too."""
         gen = torch.Generator()
-        gen.manual_seed(draw_seed() if seed is None else _check_seed(seed))
+        gen.manual_seed(draw_seed() if seed is None else check_seed(seed))
         x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
         for t in self.timesteps.tolist():
             tt = torch.full((shape[0],), t, dtype=torch.int64, device=device)
@@ -86,8 +88,7 @@ def _check_common(schedule, prediction_type, n, clip_sample, clip_sample_range):
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     T = schedule.num_train_timesteps
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T):
-        raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {n!r}")
+    check_int("num_inference_steps", n, 1, T, optional=True)
 
 
 class DDPMSampler(_Sampler):

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .._checks import check_int, check_number
+
 __all__ = ["NoiseSchedule", "BETA_SCHEDULES"]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -36,14 +38,11 @@ class NoiseSchedule:
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02):
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 1)
         beta_schedule = _ALIASES.get(beta_schedule, beta_schedule) if isinstance(beta_schedule, str) else beta_schedule
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
-        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a float, got {value!r}")
+        beta_start, beta_end = check_number("beta_start", beta_start), check_number("beta_end", beta_end)
         if beta_schedule != "cosine" and not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         self.num_train_timesteps = num_train_timesteps

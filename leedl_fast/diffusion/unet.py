@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import check_int
 from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, attention
 
 __all__ = ["UNet", "timestep_embedding"]
@@ -104,12 +105,8 @@ class UNet(nn.Module):
                  channel_mults=(1, 2), num_res_blocks: int = 1, attention_levels=None, head_dim: int = 32,
                  num_classes: int | None = None, groups: int = 8, dropout: float = 0.0):
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be an int in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (the attention op's range), "
-                             f"got {head_dim!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
+        head_dim = check_int("head_dim", head_dim, MIN_HEAD_DIM, MAX_HEAD_DIM)
+        num_classes = check_int("num_classes", num_classes, 1, optional=True)
         out_channels = in_channels if out_channels is None else out_channels
         n_levels = len(channel_mults)
         attention_levels = tuple(i > 0 for i in range(n_levels)) if attention_levels is None else tuple(attention_levels)

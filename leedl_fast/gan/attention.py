@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_int
+
 __all__ = ["SelfAttention2d"]
 
 _MAX_HEAD_DIM = 256
@@ -46,13 +48,11 @@ class SelfAttention2d(nn.Module):
 
     def __init__(self, channels: int, qk_channels: int | None = None):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = check_int("channels", channels, 1)
         if channels > 8 * _MAX_HEAD_DIM:
             raise ValueError(f"channels must be <= {8 * _MAX_HEAD_DIM} (q/k get channels/8 <= 256 dims), got {channels}")
         qk = max(1, channels // 8) if qk_channels is None else qk_channels
-        if isinstance(qk, bool) or not isinstance(qk, int) or not 1 <= qk <= _MAX_HEAD_DIM:
-            raise ValueError(f"qk_channels must be an int in 1..{_MAX_HEAD_DIM}, got {qk!r}")
+        qk = check_int("qk_channels", qk, 1, _MAX_HEAD_DIM)
         self.channels = channels
         self.qk_channels = qk
         self.query = nn.Conv2d(channels, qk, 1)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dcgan import Discriminator, Generator, _positive_int
+from .._checks import check_int
+from .dcgan import Discriminator, Generator
 
 __all__ = ["TextEncoder", "ConditionalGenerator", "ProjectionDiscriminator", "mismatched_condition",
            "condition_batch_size"]
@@ -53,12 +54,12 @@ class TextEncoder(nn.Module):
         super().__init__()
         from ..nn.transformer import TransformerEncoder, TransformerEncoderLayer
 
-        self.vocab_size = _positive_int("vocab_size", vocab_size)
-        self.max_len = _positive_int("max_len", max_len)
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.max_len = check_int("max_len", max_len, 1)
         if not 0 <= padding_idx < vocab_size:
             raise ValueError(f"padding_idx must be in [0, {vocab_size}), got {padding_idx}")
         self.padding_idx = padding_idx
-        self.out_dim = d_model if out_dim is None else _positive_int("out_dim", out_dim)
+        self.out_dim = d_model if out_dim is None else check_int("out_dim", out_dim, 1)
         self.token = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
         self.position = nn.Embedding(max_len, d_model)
         layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True)
@@ -109,12 +110,12 @@ class _ConditionEncoder(nn.Module):
         self.text_encoder = None
         if num_classes is not None:
             self.kind = "class"
-            self.num_classes = _positive_int("num_classes", num_classes)
-            self.dim = _positive_int("embed_dim", embed_dim)
+            self.num_classes = check_int("num_classes", num_classes, 1)
+            self.dim = check_int("embed_dim", embed_dim, 1)
             self.embedding = nn.Embedding(self.num_classes, self.dim)
         elif cond_dim is not None:
             self.kind = "vector"
-            self.dim = _positive_int("cond_dim", cond_dim)
+            self.dim = check_int("cond_dim", cond_dim, 1)
         else:
             if not isinstance(text_encoder, nn.Module) or not hasattr(text_encoder, "out_dim"):
                 raise ValueError("text_encoder must be an nn.Module with an out_dim attribute (e.g. TextEncoder)")
@@ -158,7 +159,7 @@ class ConditionalGenerator(nn.Module):
                  num_classes: int | None = None, cond_dim: int | None = None, text_encoder: nn.Module | None = None,
                  embed_dim: int = 32, n_up: int | None = None, attention: bool = False):
         super().__init__()
-        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        self.latent_dim = check_int("latent_dim", latent_dim, 1)
         self.condition = _ConditionEncoder(num_classes, cond_dim, text_encoder, embed_dim)
         self.net = Generator(self.latent_dim + self.condition.dim, image_size, channels, ngf, n_up=n_up,
                              attention=attention)

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dcgan import _finite_number, _positive_int, init_weights
+from .._checks import check_int, check_number
+from .dcgan import init_weights
 from .losses import GANLoss, gradient_penalty
 from .pool import ImagePool
 from .trainer import frozen
@@ -80,12 +81,11 @@ class ResnetGenerator(nn.Module):
     def __init__(self, input_nc: int, output_nc: int, ngf: int = 64, n_blocks: int = 9, *, norm: str = "instance",
                  use_dropout: bool = False, init_gain: float = 0.02):
         super().__init__()
-        self.input_nc = _positive_int("input_nc", input_nc)
-        self.output_nc = _positive_int("output_nc", output_nc)
-        ngf = _positive_int("ngf", ngf)
-        if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 0:
-            raise ValueError(f"n_blocks must be an int >= 0, got {n_blocks!r}")
-        _finite_number("init_gain", init_gain)
+        self.input_nc = check_int("input_nc", input_nc, 1)
+        self.output_nc = check_int("output_nc", output_nc, 1)
+        ngf = check_int("ngf", ngf, 1)
+        check_int("n_blocks", n_blocks, 0)
+        check_number("init_gain", init_gain, 0)
         bias = norm == "instance"  # batch norm has its own shift
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), _norm(norm, ngf), nn.ReLU(True)]
         for i in range(2):  # downsampling
@@ -126,10 +126,10 @@ class NLayerDiscriminator(nn.Module):
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, *, norm: str = "instance",
                  init_gain: float = 0.02):
         super().__init__()
-        self.input_nc = _positive_int("input_nc", input_nc)
-        ndf = _positive_int("ndf", ndf)
-        self.n_layers = _positive_int("n_layers", n_layers)
-        _finite_number("init_gain", init_gain)
+        self.input_nc = check_int("input_nc", input_nc, 1)
+        ndf = check_int("ndf", ndf, 1)
+        self.n_layers = check_int("n_layers", n_layers, 1)
+        check_number("init_gain", init_gain, 0)
         bias = norm == "instance"
         layers = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
@@ -224,10 +224,9 @@ class CycleGAN(nn.Module):
                  n_layers_D: int = 3, norm: str = "instance", seed: int = 0):
         super().__init__()
         for name, v in (("lambda_A", lambda_A), ("lambda_B", lambda_B), ("lambda_identity", lambda_identity)):
-            _finite_number(name, v)
-        _finite_number("lr", lr, positive=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+            check_number(name, v, 0)
+        check_number("lr", lr, 0, lo_open=True)
+        check_int("seed", seed)
         if lambda_identity > 0 and input_nc != output_nc:
             raise ValueError(f"lambda_identity > 0 needs input_nc == output_nc (got {input_nc} and {output_nc}); "
                              "set lambda_identity=0")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._checks import check_int, check_number
 from .attention import _MAX_HEAD_DIM, SelfAttention2d
 
 __all__ = ["Generator", "Discriminator", "sample_latent", "init_weights", "LATENT_DISTRIBUTIONS"]
@@ -39,17 +40,6 @@ def _pair(name: str, size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _finite_number(name: str, value, *, positive: bool = False) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or not (value > 0 if positive else value >= 0)):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
 
 
 def _check_attention_width(name: str, width: int, channels: int) -> None:
@@ -74,9 +64,8 @@ def sample_latent(n: int, dim: int, distribution: str = "normal", *, generator: 
     The draw is made in float32 (float64 for float64) and cast to ``dtype``, so
     a half-precision draw is the float32 one rounded, not a coarser, biased one.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    dim = _positive_int("dim", dim)
+    n = check_int("n", n, 0)
+    dim = check_int("dim", dim, 1)
     if distribution not in LATENT_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {', '.join(LATENT_DISTRIBUTIONS)}; got {distribution!r}")
     dtype = dtype or torch.get_default_dtype()
@@ -103,7 +92,7 @@ def init_weights(module: nn.Module, gain: float = 0.02) -> nn.Module:
     """DCGAN / CycleGAN initialisation: conv and linear weights ~ N(0, gain), biases 0,
     norm-layer scales ~ N(1, gain).  A parametrized weight (spectral norm) has its
     stored ``original`` initialised.  Returns ``module``."""
-    _finite_number("gain", gain)
+    check_number("gain", gain, 0)
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight")
@@ -128,15 +117,14 @@ class Generator(nn.Module):
     def __init__(self, latent_dim: int = 100, image_size=64, channels: int = 3, ngf: int = 64, *,
                  n_up: int | None = None, attention: bool = False):
         super().__init__()
-        self.latent_dim = _positive_int("latent_dim", latent_dim)
+        self.latent_dim = check_int("latent_dim", latent_dim, 1)
         self.image_size = _pair("image_size", image_size)
-        self.channels = _positive_int("channels", channels)
-        ngf = _positive_int("ngf", ngf)
+        self.channels = check_int("channels", channels, 1)
+        ngf = check_int("ngf", ngf, 1)
         h, w = self.image_size
         if n_up is None:
             n_up = max(0, math.ceil(math.log2(max(h, w))) - 2)
-        if isinstance(n_up, bool) or not isinstance(n_up, int) or n_up < 0:
-            raise ValueError(f"n_up must be an int >= 0, got {n_up!r}")
+        n_up = check_int("n_up", n_up, 0)
         self.n_up = n_up
         self.base = (math.ceil(h / 2 ** n_up), math.ceil(w / 2 ** n_up))
         ch = [ngf * min(2 ** (n_up - i), 8) for i in range(n_up + 1)]
@@ -182,15 +170,14 @@ class Discriminator(nn.Module):
                  attention: bool = False):
         super().__init__()
         self.image_size = _pair("image_size", image_size)
-        self.channels = _positive_int("channels", channels)
-        ndf = _positive_int("ndf", ndf)
+        self.channels = check_int("channels", channels, 1)
+        ndf = check_int("ndf", ndf, 1)
         side = min(self.image_size)
         if n_down is None:
             n_down = 0
             while side // 2 ** (n_down + 1) >= 4:
                 n_down += 1
-        if isinstance(n_down, bool) or not isinstance(n_down, int) or n_down < 0:
-            raise ValueError(f"n_down must be an int >= 0, got {n_down!r}")
+        n_down = check_int("n_down", n_down, 0)
         if side // 2 ** n_down < 1:
             raise ValueError(f"n_down={n_down} halves image_size {self.image_size} below one pixel")
         self.n_down = n_down

@@ -17,11 +17,12 @@ Only hinge distinguishes the two players; the other modes ignore
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .._checks import check_number
 
 __all__ = ["GAN_MODES", "GANLoss", "gradient_penalty"]
 
@@ -41,8 +42,7 @@ class GANLoss(torch.nn.Module):
         if gan_mode not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {', '.join(GAN_MODES)}; got {gan_mode!r}")
         for name, value in (("real_label", real_label), ("fake_label", fake_label)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            check_number(name, value)
         self.gan_mode = gan_mode
         self.real_label = float(real_label)
         self.fake_label = float(fake_label)

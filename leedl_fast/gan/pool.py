@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_int
+
 __all__ = ["ImagePool"]
 
 
@@ -24,10 +26,7 @@ class ImagePool:
     """
 
     def __init__(self, pool_size: int = 50, seed: int = 0):
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 0:
-            raise ValueError(f"pool_size must be an int >= 0, got {pool_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        pool_size, seed = check_int("pool_size", pool_size, 0), check_int("seed", seed)
         self.pool_size = pool_size
         self.images: list[torch.Tensor] = []
         self.generator = torch.Generator().manual_seed(int(seed))

@@ -31,7 +31,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .dcgan import _finite_number, sample_latent
+from .._checks import check_int, check_number
+from .dcgan import sample_latent
 from .losses import GANLoss, gradient_penalty
 from .conditional import mismatched_condition
 
@@ -152,16 +153,13 @@ class GANTrainer:
                  lr_d: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), n_critic: int = 1,
                  spectral_norm: bool = False, lambda_gp: float | None = None, num_classes: int | None = None,
                  mismatch_weight: float = 1.0, latent_distribution: str = "normal"):
-        if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
-            raise ValueError(f"n_critic must be an int >= 1, got {n_critic!r}")
-        _finite_number("lr_g", lr_g, positive=True)
-        _finite_number("lr_d", lr_d, positive=True)
-        _finite_number("mismatch_weight", mismatch_weight)
+        check_int("n_critic", n_critic, 1)
+        check_number("lr_g", lr_g, 0, lo_open=True)
+        check_number("lr_d", lr_d, 0, lo_open=True)
+        check_number("mismatch_weight", mismatch_weight, 0)
         if lambda_gp is not None:
-            _finite_number("lambda_gp", lambda_gp)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 2):
-            raise ValueError(f"num_classes must be None or an int >= 2, got {num_classes!r}")
+            check_number("lambda_gp", lambda_gp, 0)
+        check_int("num_classes", num_classes, 2, optional=True)
         self.criterion = GANLoss(gan_mode)
         sample_latent(0, latent_dim, latent_distribution)  # validates latent_dim and latent_distribution
         self.G, self.D = G, apply_spectral_norm(D) if spectral_norm else D

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_int, check_number, check_seed
 from ..random import MAX_SEED, dropout_mask, dropout_scale
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -30,8 +31,7 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, dty
 
 
 def check_dim(name: str, dim, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise ValueError(f"{name} must be an int, got {dim!r}")
+    dim = check_int(name, dim)
     if not -max(ndim, 1) <= dim < max(ndim, 1):
         raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor")
     return dim % max(ndim, 1)
@@ -41,10 +41,8 @@ def check_dim(name: str, dim, ndim: int) -> int:
 
 def check_dropout(dropout_p, seed) -> None:
     """``dropout_p`` a probability in [0, 1); ``seed`` None or an int in [0, 2**63 - 1]."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed!r}")
+    check_number("dropout_p", dropout_p, 0, 1, hi_open=True)
+    check_seed(seed, optional=True)
 
 
 def dropout_seed(seed: Optional[int], dropout_p: float) -> Optional[torch.Tensor]:

@@ -115,11 +115,13 @@ The torch path (CPU fallback)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 
 from .. import backend
+from .._checks import check_int, check_number
 from ..random import dropout_keep, dropout_scale
 from ._common import check_dropout, check_same, check_tensor, dropout_seed, seed_int
 
@@ -149,7 +151,7 @@ def _check_window(window) -> tuple[int, int]:
     for w in window:
         if isinstance(w, torch.Tensor) and w.dim() == 0 and not w.dtype.is_floating_point and w.dtype != torch.bool:
             w = int(w.item())
-        if isinstance(w, bool) or not isinstance(w, int):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
             raise ValueError(f"window must be a pair of ints (left, right), got {window!r}")
         if w < -1:
             raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {window!r}")
@@ -176,8 +178,7 @@ def window_from_flex_sliding(w: int, causal: bool = True) -> tuple[int, int]:
     With FlexAttention's causal mask ``q_idx >= kv_idx`` (the usual sliding-window
     attention, w + 1 keys including self) it is ``(w, 0)``; without it ``(w, -1)``.
     """
-    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-        raise ValueError(f"w must be an int >= 0, got {w!r}")
+    w = check_int("w", w, 0)
     return (w, 0) if causal else (w, -1)
 
 
@@ -192,8 +193,7 @@ def window_from_num_keys(num_keys: int, causal: bool = True) -> tuple[int, int]:
     Causal: the query and the ``num_keys - 1`` keys before it, ``(num_keys - 1, 0)``.
     Centred (``causal=False``, ``num_keys`` odd): ``((num_keys - 1) // 2,) * 2``.
     """
-    if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
-        raise ValueError(f"num_keys must be an int >= 1, got {num_keys!r}")
+    num_keys = check_int("num_keys", num_keys, 1)
     if causal:
         return num_keys - 1, 0
     if num_keys % 2 == 0:
@@ -1128,9 +1128,7 @@ def _check_args(q, k, v, causal, window, key_padding_mask, dropout_p, scale, see
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     check_dropout(dropout_p, seed)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    check_number("scale", scale, optional=True)
     return normalize_window(causal, window)
 
 

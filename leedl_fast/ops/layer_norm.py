@@ -47,13 +47,13 @@ differentiable through the custom ops.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import backend
+from .._checks import check_number
 from ..random import dropout_mask, dropout_scale
 from ._common import as_rows, as_vector, check_dropout, check_same, check_tensor, dropout_seed, row_dropout, seed_int
 
@@ -268,8 +268,7 @@ def _check_args(x, residual, weight, bias, eps, dropout_p, seed, return_residual
             check_same(("x", name), (x, t))
             if tuple(t.shape) != (c,):
                 raise ValueError(f"{name} must have shape ({c},) (x's last dim), got {tuple(t.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    check_number("eps", eps, 0)
     check_dropout(dropout_p, seed)
     if not isinstance(return_residual, bool):
         raise ValueError(f"return_residual must be a bool, got {return_residual!r}")

@@ -31,6 +31,7 @@ import math
 import torch
 
 from .. import backend
+from .._checks import check_int, check_number, check_seed
 from ..random import MAX_SEED, normal_noise
 from ._common import as_dense, check_tensor
 
@@ -77,14 +78,6 @@ def _use_triton(*tensors: torch.Tensor) -> bool:
     if any(x.dtype == torch.float64 for x in tensors if x is not None and x.is_floating_point()):
         return False
     return backend.select("noising", *[x for x in tensors if x is not None]) == "triton"
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1] or None, got {seed!r}")
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    return seed
 
 
 def _check_schedule(alphas_cumprod, device) -> None:
@@ -257,7 +250,7 @@ def q_sample(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Ten
             raise ValueError("seed must be None when noise is given")
         _check_like("noise", noise, x0, "x0", same_dtype=True)
         return _q_sample_op(x0, t, alphas_cumprod, noise), noise
-    seed = draw_seed() if seed is None else _check_seed(seed)
+    seed = draw_seed() if seed is None else check_seed(seed)
     return _q_sample_seeded_op(x0, t, alphas_cumprod, seed)
 
 
@@ -397,7 +390,7 @@ def noise_prediction_loss(pred: torch.Tensor, x0: torch.Tensor, t, alphas_cumpro
     elif seed is None:
         raise ValueError("seed is required (the seed q_sample drew the noise with), or pass noise")
     else:
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
     return _loss_op(pred, x0, t, alphas_cumprod, noise, seed, target)
 
 
@@ -509,9 +502,7 @@ torch.library.register_autograd("leedl_fast::sampler_step", _step_backward, setu
 def _check_clip_range(clip_range) -> float | None:
     if clip_range is None:
         return None
-    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not 0 < clip_range < math.inf:
-        raise ValueError(f"clip_sample_range must be a finite number > 0, got {clip_range!r}")
-    return float(clip_range)
+    return check_number("clip_sample_range", clip_range, 0, lo_open=True)
 
 
 def _check_clip(clip_sample, clip_sample_range) -> float | None:
@@ -526,9 +517,7 @@ def _check_clip(clip_sample, clip_sample_range) -> float | None:
 def _check_eta(eta) -> float:
     """DDIM's eta in [0, 1] (Song et al. 2021: 0 is DDIM, 1 the DDPM-like variance); above 1 the noise's
     variance exceeds 1 - abar_prev and the step is undefined (diffusers returns NaN)."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-        raise ValueError(f"eta must be a float in [0, 1], got {eta!r}")
-    return float(eta)
+    return check_number("eta", eta, 0, 1)
 
 
 def fused_step(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, *, add_noise: bool,
@@ -550,9 +539,9 @@ def fused_step(model_output: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor
         _check_like("noise", noise, x_t, "x_t", same_dtype=False)
         seed = 0
     elif add_noise:
-        seed = draw_seed() if seed is None else _check_seed(seed)
+        seed = draw_seed() if seed is None else check_seed(seed)
     else:
-        seed = 0 if seed is None else _check_seed(seed)
+        seed = 0 if seed is None else check_seed(seed)
     clip_range = _check_clip_range(clip_range)
     return _step_op(model_output, x_t, coef, noise if add_noise else None, seed, bool(add_noise), clip_range)
 
@@ -573,11 +562,8 @@ def _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_ty
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     n = alphas_cumprod.shape[0]
     t, prev_t = _as_int(t), _as_int(prev_t)
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n:
-        raise ValueError(f"t must be an int in [0, {n}), got {t!r}")
-    prev_t = t - 1 if prev_t is None else prev_t
-    if isinstance(prev_t, bool) or not isinstance(prev_t, int) or not -1 <= prev_t < t:
-        raise ValueError(f"prev_t must be an int in [-1, t), got {prev_t!r}")
+    t = check_int("t", t, 0, n, hi_open=True)
+    prev_t = check_int(f"prev_t (t = {t})", t - 1 if prev_t is None else prev_t, -1, t, hi_open=True)
     return t, prev_t
 
 
@@ -674,9 +660,8 @@ def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     t, prev_t = _check_step_args(model_output, t, x_t, alphas_cumprod, prev_t, prediction_type)
     _check_eta(eta)
     clip = _check_clip(clip_sample, clip_sample_range)
-    if prev_t < 0 and (isinstance(final_alpha_cumprod, bool) or not isinstance(final_alpha_cumprod, (int, float))
-                       or not 0 < final_alpha_cumprod <= 1):
-        raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod!r}")
+    if prev_t < 0:
+        check_number("final_alpha_cumprod", final_alpha_cumprod, 0, 1, lo_open=True)
     a_t = float(alphas_cumprod[t])
     a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(final_alpha_cumprod)
     coefs, add_noise = ddim_step_coefficients(a_t, a_p, prediction_type, float(eta))
