@@ -226,7 +226,7 @@ def _attention_fwd_kernel(
                                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # The dropout counters number the rows of the whole batch: a launch over rows batch_offset.. of it
     # gets pointers to its first row (see _batch_chunks).
-    rng_rows = (((b64 + batch_offset) * n_heads + h) * seq_q + offs_m) * ((seq_k + 7) // 8)  # [BLOCK_M] int64
+    rng_rows = (((b64 + batch_offset) * n_heads + h) * seq_q + offs_m) * ((seq_k - 1) // 8 + 1)  # [BLOCK_M] int64
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)                             # [BLOCK_M] running max (log2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                                           # [BLOCK_M] running sum
@@ -334,7 +334,7 @@ def _attention_bwd_dkdv_inner(
         elif HAS_KPM:
             p_t = tl.where(pad_ok[:, None], p_t, 0.0)                               # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            rows = rng_head + offs_m.to(tl.int64) * ((seq_k + 7) // 8)             # [BLOCK_M] first counters
+            rows = rng_head + offs_m.to(tl.int64) * ((seq_k - 1) // 8 + 1)             # [BLOCK_M] first counters
             keep = keep_tile(seed, rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N, True)  # [BLOCK_N, BLOCK_M]
         if DO_DV:
             if DROPOUT:
@@ -375,7 +375,7 @@ def _attention_bwd_dkdv_heads(
         q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
         do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
         row = (b64 * n_heads + h64) * seq_q
-        rng_head = (row + batch_offset.to(tl.int64) * n_heads * seq_q) * ((seq_k + 7) // 8)
+        rng_head = (row + batch_offset.to(tl.int64) * n_heads * seq_q) * ((seq_k - 1) // 8 + 1)
         dk, dv, n_visited = _attention_bwd_dkdv_inner(
             dk, dv, n_visited, k, v, pad_ok, q_base, do_base, lse2_ptr + row, delta_ptr + row, stride_qm, stride_dom,
             start_n, offs_n, offs_d, lo, n_lead, tail, n_edge, seq_q, seq_k, shift, window_left, window_right,
@@ -558,7 +558,7 @@ def _attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpmb
-    rng_rows = (row + batch_offset.to(tl.int64) * n_heads * seq_q + offs_m) * ((seq_k + 7) // 8)  # [BLOCK_M] int64
+    rng_rows = (row + batch_offset.to(tl.int64) * n_heads * seq_q + offs_m) * ((seq_k - 1) // 8 + 1)  # [BLOCK_M] int64
 
     shift = seq_k - seq_q
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
@@ -590,7 +590,7 @@ def _attention_bwd_dq_kernel(
 # Configurations
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim group (padded head dim
-# <= 64, 128, 256) and GPU generation ("sm80": Ampere and other pre-Hopper parts, "sm90":
+# <= 64, 128, 256) and GPU generation ("sm80": Ampere and every GPU but Hopper, see _arch; "sm90":
 # Hopper), for fp16/bf16.  fp32 (TF32 products, twice the bytes per tile) uses one small
 # configuration per kernel for every head dim.  For the dK/dV kernel BLOCK_N is the key block
 # a program owns and BLOCK_M the query block it steps over; for dQ the reverse.
@@ -659,7 +659,10 @@ def _head_dim_group(block_d: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _arch(device_index: int) -> str:
-    return "sm90" if torch.cuda.get_device_capability(device_index)[0] >= 9 else "sm80"
+    """The tile table of a GPU: "sm90" for Hopper only, whose 227 KB of shared memory per block the
+    sm90 tiles need (up to 200 KB); "sm80" (within 99 KB) everywhere else, newer GPUs included:
+    consumer Blackwell (sm_120) has the 99 KB of sm_86/sm_89."""
+    return "sm90" if torch.cuda.get_device_capability(device_index)[0] == 9 else "sm80"
 
 
 def _split_dkdv(t: torch.Tensor, block_d: int) -> bool:
@@ -786,6 +789,16 @@ def _check_common(q, k, v, left, right):
     return B, Hq, k.shape[1], Nq, k.shape[2], D
 
 
+def _band(left: int, right: int, Nq: int, Nk: int) -> tuple[int, int]:
+    """The window as the kernels take it: a bound at least as wide as the problem is lowered to the
+    problem's size, the same band (left >= Nk - 1 or right >= Nq - 1 already makes every key on
+    that side visible).  The kernels' band arithmetic (row + shift + right, key + left - shift + 1,
+    ...) is int32: a bound near 2**31 (say 2**31 - 1 for "unbounded") wrapped there and the rows saw
+    no key or the wrong ones, and one past 2**31 made Triton type the argument i64, a variant no
+    compile check covers."""
+    return (left if left <= Nk else Nk), (right if right <= Nq else Nq)
+
+
 def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_mask, dropout_p: float, seed: int,
                   count_blocks: bool = False, _blocks: tuple | dict | None = None):
     """Forward pass.  q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); any strides (an input that is not
@@ -799,6 +812,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
     ``_blocks=(BLOCK_M, BLOCK_N)`` or a dict of launch meta-parameters overrides the tile choice
     (tests and tile sweeps only, see _config)."""
     B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
+    left, right = _band(left, right, Nq, Nk)
     q, k, v = _prep(q), _prep(k), _prep(v)
     o = _empty((B, Hq, Nq, D), q.dtype, q.device)
     lse = torch.empty((B, Hq, Nq), device=q.device, dtype=torch.float32)
@@ -842,6 +856,7 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
     ``_blocks=((dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N))`` overrides the tiles, either of them
     also a dict of launch meta-parameters (tests and tile sweeps only, see _config)."""
     B, Hq, Hkv, Nq, Nk, D = _check_common(q, k, v, left, right)
+    left, right = _band(left, right, Nq, Nk)
     q, k, v, do, o = _prep(q), _prep(k), _prep(v), _prep(do), _prep(o)
     if not lse.is_contiguous() or lse.data_ptr() % ALIGN:  # read as (B*Hq*Nq,) from its start
         lse = lse.clone(memory_format=torch.contiguous_format)

@@ -122,7 +122,7 @@ def _tile_preactivation(x_ptr, b_ptr, stride_xm, n_rows, n_cols, n_col_blocks,
 def _dropout(v, seed, threshold, keep_scale, offs_m, start_n, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout of a tile: element (m, c) of the logical (M, C) matrix in the dropout stream (kernels/dropout.py);
     the backward regenerates the same keep-mask."""
-    keep = keep_tile(seed, offs_m * ((n_cols + 7) // 8), start_n, threshold, BLOCK_M, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+    keep = keep_tile(seed, offs_m * ((n_cols - 1) // 8 + 1), start_n, threshold, BLOCK_M, BLOCK_N)  # [BLOCK_M, BLOCK_N]
     return tl.where(keep, v * keep_scale, 0.0)
 
 

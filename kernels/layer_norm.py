@@ -69,7 +69,7 @@ def _dropout_add_layer_norm_fwd_kernel(
     mask = offs_c < n_cols
     h = tl.load(x_ptr + row * stride_xm + offs_c, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_C]
     if HAS_DROPOUT:
-        keep = keep_row(seed, row * ((n_cols + 7) // 8), 0, dropout_threshold, BLOCK_C)  # [BLOCK_C]
+        keep = keep_row(seed, row * ((n_cols - 1) // 8 + 1), 0, dropout_threshold, BLOCK_C)  # [BLOCK_C]
         h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(res_ptr + row * stride_rm + offs_c, mask=mask, other=0.0).to(tl.float32)
@@ -121,7 +121,7 @@ def _bwd_store(dhin_ptr, dres_ptr, dx_ptr, row, stride_dhm, stride_drm, stride_d
         tl.store(dres_ptr + row * stride_drm + cols, dh.to(dres_ptr.dtype.element_ty), mask=mask)
     if HAS_DROPOUT:
         # The forward's mask, regenerated.
-        keep = keep_row(seed, row * ((n_cols + 7) // 8), start, dropout_threshold, BLOCK_C)  # [BLOCK_C]
+        keep = keep_row(seed, row * ((n_cols - 1) // 8 + 1), start, dropout_threshold, BLOCK_C)  # [BLOCK_C]
         dh = tl.where(keep, dh * dropout_scale, 0.0)
     tl.store(dx_ptr + row * stride_dxm + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
 

@@ -81,7 +81,8 @@ def _noising_kernel(
     offs = pid_b.to(tl.int64) * per_sample + offs_in  # [BLOCK] int64 flat index
 
     if NOISE == 2:
-        eps = _normals(seed, pid_b.to(tl.int64) * ((per_sample + 3) // 4), pid_c * BLOCK, BLOCK)  # [BLOCK] fp32
+        # ceil(per_sample / 4) counters a sample, written so that it cannot overflow int32 near 2**31.
+        eps = _normals(seed, pid_b.to(tl.int64) * ((per_sample - 1) // 4 + 1), pid_c * BLOCK, BLOCK)  # [BLOCK] fp32
     elif NOISE == 1:
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -99,7 +100,11 @@ def _noising_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] model output
         x0 = c0 * x + c1 * m                                           # predicted x0
         if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+            # NaN stays NaN, as torch's clamp: the default (PropagateNan.NONE) compiles to PTX max.f32 /
+            # min.f32, which return the operand that is not NaN (a NaN x0 became -clip_range on the GPU;
+            # the interpreter's np.maximum propagates it either way).
+            x0 = tl.minimum(tl.maximum(x0, -clip_range, propagate_nan=tl.PropagateNan.ALL), clip_range,
+                            propagate_nan=tl.PropagateNan.ALL)
         y = c2 * x0 + c3 * x + c4 * m
         if NOISE != 0:
             y += c5 * eps

@@ -175,10 +175,15 @@ def _case(name):
         q = buf[1:].view(2, 3, 16, 256)
         return q, q, q, dict(left=16, right=-1, key_padding_mask=torch.ones(2, 16, dtype=torch.bool),
                              dropout_p=0.2, seed=2**40)
+    if name == "huge windows":  # bounds past int32 (Triton would type them i64): clamped to the problem
+        q, k, v = rnd(1, 2, 33, 64, dtype=torch.float16), rnd(1, 2, 20, 64, dtype=torch.float16), \
+            rnd(1, 2, 20, 64, dtype=torch.float16)
+        return q, k, v, dict(left=2**40, right=2**33, key_padding_mask=None, dropout_p=0.0, seed=3)
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("case", ["d40 odd lengths ones", "packed qkv gqa", "d256 fp32 unaligned start"])
+@pytest.mark.parametrize("case", ["d40 odd lengths ones", "packed qkv gqa", "d256 fp32 unaligned start",
+                                  "huge windows"])
 def test_launches_use_the_compiled_specialization(monkeypatch, case):
     import torch
 

@@ -191,6 +191,15 @@ def test_other_tiles(triton_path, blocks):
     _check(triton_path, torch.float32, 1, 2, 1, 70, 50, 16, 20, 3, "random", 0.1, blocks=blocks)
 
 
+@pytest.mark.parametrize("left,right", [(2**31 - 2, 2**31 - 2), (2**31 - 1, 0), (-1, 2**31 - 20), (5, 2**40)])
+def test_huge_windows(triton_path, left, right):
+    """Window bounds near or past the int32 range (2**31 - 1 as "unbounded"): the band's loop bounds
+    and masks (row + shift + right, key + left - shift + 1, ...) are int32 in the kernels and used to
+    wrap to negative values, so that rows saw no key at all (forward: o = 0) or the wrong keys; the
+    launchers clamp a bound wider than the problem to the problem's size, the same band."""
+    _check(triton_path, torch.float32, 1, 2, 1, 45, 37, 16, left, right, "random", 0.1)
+
+
 @pytest.mark.parametrize("D,left,right,kpm,p", [(160, 9, 2, "random", 0.2), (256, -1, 0, None, 0.0)])
 def test_head_dim_256_group(triton_path, D, left, right, kpm, p):
     """Head dims 129..256 in fp16: the configuration the GPU uses there, dK/dV in two passes
@@ -318,3 +327,21 @@ def test_launch_configs_cover_every_case():
     for d in range(16, 257):
         block_d = max(16, 1 << (d - 1).bit_length())
         assert A._head_dim_group(block_d) in (64, 128, 256) and A._head_dim_group(block_d) >= block_d
+
+
+@pytest.mark.parametrize("capability,arch", [((8, 0), "sm80"), ((8, 6), "sm80"), ((8, 9), "sm80"), ((9, 0), "sm90"),
+                                             ((10, 0), "sm80"), ((12, 0), "sm80")])
+def test_tile_table_by_compute_capability(monkeypatch, capability, arch):
+    """The "sm90" tiles (forward 128 x 64 at head dim 64/128: 139 KB of shared memory, dQ up to 200 KB,
+    tests/kernels/test_attention_compile.py) fit only Hopper's 227 KB per block; every capability
+    >= 9 used to take them, so on consumer Blackwell (sm_120, RTX 50xx: 99 KB per block, as sm_86/sm_89)
+    every launch failed with OutOfResources.  Only Hopper takes them; other GPUs the "sm80" tiles,
+    which the compile checks keep within 99 KB."""
+    from leedl_fast.kernels import attention as A
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    A._arch.cache_clear()
+    try:
+        assert A._arch(0) == arch
+    finally:
+        A._arch.cache_clear()

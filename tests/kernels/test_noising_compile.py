@@ -131,3 +131,24 @@ def test_launches_use_a_compiled_specialization(monkeypatch, triton_path, shape,
         ddpm_step(x0, 10, x0, ac, noise=noise, seed=None if noise is not None else seed)
     assert len(launches) == 10
     assert_launches_compiled(launches, _configs())
+
+
+def test_clip_propagates_nan_in_compiled_code():
+    """The reverse step's clip of x0 keeps a NaN NaN, as the torch path's ``clamp`` (and diffusers')
+    does.  ``tl.maximum``/``tl.minimum`` default to ``arith.maxnumf``/``minnumf``, which the GPU runs
+    as PTX ``max.f32``/``min.f32``: they return the operand that is not NaN, so a NaN prediction came
+    out as -clip_range, a finite sample hiding a diverged model.  The interpreter runs both as
+    ``np.maximum``, NaN-propagating, so only the compiled code shows it: here the clip variant must use
+    the NaN-propagating forms (``arith.maximumf``/``minimumf``, PTX ``max.NaN.f32``/``min.NaN.f32``)."""
+    from leedl_fast.kernels import noising as K
+    from tests.kernels._asm import compile_asm
+
+    cfg = specialized(KernelConfig(
+        "leedl_fast.kernels.noising", "_noising_kernel", _signature("fp32"),
+        {"MODE": K.MODE_STEP, "NOISE": K.NOISE_NONE, "TARGET": 0, "CLIP": True, "BLOCK": K.BLOCK},
+        num_warps=K.NUM_WARPS, maxnreg=K.MAXNREG, label="step clip none fp32"), extra=("per_sample",))
+    asm = compile_asm(cfg, cc=90)
+    assert "arith.maxnumf" not in asm["ttgir"] and "arith.minnumf" not in asm["ttgir"], "a NaN-dropping clip"
+    assert "arith.maximumf" in asm["ttgir"] and "arith.minimumf" in asm["ttgir"]
+    assert "max.NaN.f32" in asm["ptx"] and "min.NaN.f32" in asm["ptx"]
+
