@@ -77,9 +77,12 @@ def _warn_once(key: str, msg: str) -> None:
 
 def _bool_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
     """A mask (bool or float: ``_check`` refuses the rest) as bool (True = masked out) when it is bool or a
-    float mask of only 0 / -inf; else None."""
+    float mask of only 0 / -inf that needs no gradient; else None.  (A float mask that requires grad, such as a
+    learned bias that is still all zeros, stays a float mask: as a bool one it would lose its gradient.)"""
     if mask.dtype == torch.bool:
         return mask
+    if mask.requires_grad and torch.is_grad_enabled():
+        return None
     neg = torch.isneginf(mask)
     if bool(((mask == 0) | neg).all()):
         return neg
@@ -234,6 +237,10 @@ class MultiheadAttention(nn.Module):
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must agree except in the last dim, got {tuple(key.shape)} "
                              f"and {tuple(value.shape)}")
+        bdim = 0 if self.batch_first else 1
+        if query.dim() == 3 and key.shape[bdim] != query.shape[bdim]:
+            raise ValueError(f"query and key/value must have the same batch size, got {query.shape[bdim]} and "
+                             f"{key.shape[bdim]} (shapes {tuple(query.shape)} and {tuple(key.shape)})")
         for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if m is not None and not (isinstance(m, torch.Tensor) and (m.dtype == torch.bool or m.is_floating_point())):
                 # torch.nn raises too; an int 0/1 mask added to the scores would be a silent +1 bias
@@ -334,7 +341,7 @@ class MultiheadAttention(nn.Module):
             kpm = _bool_or_none(key_padding_mask)
             if kpm is None:
                 _warn_once("kpm", "leedl_fast.nn.MultiheadAttention: a float key_padding_mask with values "
-                           "other than 0/-inf takes the dense PyTorch path")
+                           "other than 0/-inf (or one that requires grad) takes the dense PyTorch path")
                 return None
         causal, window, n_seen = False, self.window, n_k
         if attn_mask is None or (is_causal and n_q == n_k):
@@ -374,8 +381,10 @@ class MultiheadAttention(nn.Module):
         s = (q * (1.0 / math.sqrt(d))) @ k.transpose(-1, -2)                             # [B, H, L, S']
         # Without autograd (inference) every step below overwrites s: the softmax of a fresh (B, H, L, S)
         # tensor costs 4x the in-place one on the CPU (page faults on the new buffer), as torch's own
-        # inference path does it in place.
-        in_place = not s.requires_grad
+        # inference path does it in place.  A float mask that needs a gradient (a learned bias on a frozen
+        # module) keeps the autograd path: the in-place softmax has no derivative.
+        in_place = not (s.requires_grad or (torch.is_grad_enabled() and any(
+            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask))))
         hidden = []                                                                      # bool, True = masked
         if attn_mask is not None:
             am = attn_mask if attn_mask.dim() == 2 else attn_mask.view(bsz, h, n_q, n_k)

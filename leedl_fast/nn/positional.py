@@ -104,10 +104,12 @@ class SinusoidalPositionalEncoding(_PositionalEncoding):
         return self.pe
 
     def _apply(self, fn, recurse=True):
-        dtype, device = self.pe.dtype, self.pe.device
+        old = self.pe
         super()._apply(fn, recurse)
-        if (self.pe.dtype, self.pe.device) != (dtype, device):
-            # on the CPU, as not every device has float64; this also fills a table that to_empty() left empty
+        if self.pe is not old:
+            # fn made a new table (a conversion that is a no-op returns the old one): rebuild it from the formula,
+            # on the CPU, as not every device has float64.  This also fills a table that to_empty() left empty,
+            # on a new device or on the same one.
             self.pe = sinusoidal_table(self.max_len, self.d_model, self.pe.dtype).to(self.pe.device)
         return self
 

@@ -149,8 +149,9 @@ def _is_causal_mask(mask: Tensor, nq: int, nk: int) -> bool:
     """Whether ``mask`` (bool: True = masked; float: additive) is exactly the causal mask.
 
     A data-dependent test (one host sync), skipped while torch.compile traces:
-    there a mask takes the dense path."""
-    if mask.dim() != 2 or torch.compiler.is_compiling():
+    there a mask takes the dense path.  A float mask that requires grad (a learned bias that still equals the
+    causal mask) is not replaced by the flag, which would drop its gradient."""
+    if mask.dim() != 2 or torch.compiler.is_compiling() or (mask.requires_grad and torch.is_grad_enabled()):
         return False
     pattern = _causal_pattern(nq, nk, mask.device)
     if mask.dtype == torch.bool:
@@ -343,7 +344,8 @@ def _add_then_norm(x: Tensor, y: Tensor, dropout: nn.Module, norm: nn.Module | N
 
 def _feed_forward(layer, x: Tensor) -> Tensor:
     """``linear2(dropout(activation(linear1(x))))``."""
-    act = _FUSED_ACTIVATIONS.get(layer.activation)
+    # by identity: a callable activation need not be hashable (torch.nn takes any callable)
+    act = next((name for fn, name in _FUSED_ACTIVATIONS.items() if layer.activation is fn), None)
     if act is not None and type(layer.dropout) is nn.Dropout and _fused(x, layer.linear1.weight, layer.linear1.bias):
         y = F.linear(x, layer.linear1.weight)
         y = bias_act_dropout(y, layer.linear1.bias, activation=act, dropout_p=_p(layer.dropout))

@@ -82,7 +82,7 @@ class ReverseDigits(torch.utils.data.Dataset):
         return [decode(row) for row in self.src]
 
     def __len__(self) -> int:
-        return len(self.strings)
+        return len(self.src)
 
     def __getitem__(self, i):
         return self.src[i], self.tgt[i]

@@ -543,3 +543,75 @@ def test_random_configurations_match_torch(form, need_weights, data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                       # the dense-path notices
         _compare(ref, ours, q, k, v, **fw)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("which", ["attn_mask 2-D", "attn_mask 3-D", "key_padding_mask"])
+def test_learned_float_mask_gets_gradient_with_frozen_weights(which, need_weights):
+    """A learned float mask (a relative-position bias) trains through a frozen module: the scores need no
+    gradient but the mask does, so the weights path must keep autograd (torch.nn gives the mask its gradient)."""
+    ref, ours = _pair()
+    ref.requires_grad_(False)
+    ours.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 3, E, dtype=F64, generator=g)
+    shape = {"attn_mask 2-D": (5, 5), "attn_mask 3-D": (3 * H, 5, 5), "key_padding_mask": (3, 5)}[which]
+    name = which.split()[0]
+    base = torch.randn(shape, dtype=F64, generator=g)
+    dy = torch.randn(5, 3, E, dtype=F64, generator=g)
+    grads, outs = [], []
+    for m in (ref, ours):
+        mask = base.clone().requires_grad_()
+        o, _ = m(q, q, q, need_weights=need_weights, **{name: mask})
+        o.backward(dy)
+        outs.append(o.detach())
+        grads.append(mask.grad)
+    assert_close(outs[1], outs[0], atol=1e-9, rtol=1e-7, name="output")
+    assert_close(grads[1], grads[0], atol=1e-9, rtol=1e-7, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_query_key_batch_mismatch_is_a_value_error(batch_first, need_weights):
+    """query and key/value of different batch sizes are refused up front with a ValueError naming them, on every
+    path (not a shape error from inside the attention)."""
+    m = MultiheadAttention(E, H, batch_first=batch_first)
+    q = torch.randn((3, 5, E) if batch_first else (5, 3, E))
+    kv = torch.randn((2, 4, E) if batch_first else (4, 2, E))
+    with pytest.raises(ValueError, match="batch"):
+        m(q, kv, kv, need_weights=need_weights)
+
+
+@pytest.mark.parametrize("which", ["attn_mask zeros", "attn_mask 3-D zeros", "attn_mask causal", "key_padding_mask zeros",
+                                   "key_padding_mask 0/-inf"])
+def test_learned_float_mask_of_zeros_and_infs_gets_gradient(which):
+    """A learned float mask that happens to hold only 0 and -inf (a zero-initialised bias, on its own or added to
+    the causal mask) is still a differentiable input: on the fused path (need_weights=False) it must not be
+    replaced by "no mask", the causal flag or a bool padding mask, which would drop its gradient (torch.nn
+    gives it one)."""
+    ref, ours = _pair()
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(5, 3, E, dtype=F64, generator=g)
+    dy = torch.randn(5, 3, E, dtype=F64, generator=g)
+    if which.startswith("attn_mask 3-D"):
+        base = torch.zeros(3 * H, 5, 5, dtype=F64)
+    elif which.startswith("attn_mask"):
+        base = torch.zeros(5, 5, dtype=F64)
+        if which.endswith("causal"):
+            base = base.masked_fill(_causal(5, 5), float("-inf"))
+    else:
+        base = torch.zeros(3, 5, dtype=F64)
+        if which.endswith("-inf"):
+            base[1, 3:] = float("-inf")
+    name = which.split()[0]
+    grads, outs = [], []
+    for m in (ref, ours):
+        bias = torch.zeros_like(base, requires_grad=True)    # the learned part, initialised to zero
+        o, _ = m(q, q, q, need_weights=False, **{name: base + bias})
+        o.backward(dy)
+        outs.append(o.detach())
+        grads.append(bias.grad)
+    assert grads[0] is not None and grads[0].abs().max() > 0
+    assert grads[1] is not None, "the mask's gradient was dropped"
+    assert_close(outs[1], outs[0], atol=1e-9, rtol=1e-7, name="output")
+    assert_close(grads[1], grads[0], atol=1e-9, rtol=1e-7, name=f"grad {name}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from leedl_fast.nn.positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding, sinusoidal_table
-from tests.harness import assert_close
+from tests.harness import assert_close, poison_empty
 
 
 def _formula(max_len, d):
@@ -55,6 +55,17 @@ def test_dtype_change_rebuilds_the_table(convert):
 def test_to_empty_fills_the_table():
     enc = SinusoidalPositionalEncoding(8, max_len=30, device="meta").to_empty(device="cpu")
     assert torch.equal(enc.pe, sinusoidal_table(30, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_empty_on_the_same_device_fills_the_table(dtype):
+    """to_empty() onto the device the table is already on replaces it by uninitialised memory too; the table is
+    rebuilt from the formula then as well."""
+    enc = SinusoidalPositionalEncoding(8, max_len=3000, dtype=dtype)
+    with poison_empty():                                # uninitialised memory shows as NaN
+        enc.to_empty(device="cpu")
+    assert_close(enc.pe, _formula(3000, 8), dtype=dtype)
+    assert_close(enc(torch.zeros(3000, 1, 8, dtype=dtype))[:, 0], _formula(3000, 8), dtype=dtype)
 
 
 def test_dropout():

@@ -751,3 +751,60 @@ def test_cache_length_without_layers():
     x, mem = torch.randn(3, 2, E), torch.randn(3, 4, E)
     assert torch.equal(dec(x, mem, cache=cache), x)
     assert cache.length == 2
+
+
+class _UnhashableLeakyReLU:
+    """A callable activation with value equality and therefore no hash (a dataclass-style config object)."""
+
+    def __init__(self, slope):
+        self.slope = slope
+
+    def __eq__(self, other):
+        return isinstance(other, _UnhashableLeakyReLU) and other.slope == self.slope
+
+    __hash__ = None
+
+    def __call__(self, x):
+        return F.leaky_relu(x, self.slope)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_unhashable_callable_activation_like_torch(any_path, norm_first):
+    """torch.nn's layers take any callable as the activation; so do ours, on every path (choosing the fused
+    activation must not need the callable to be hashable)."""
+    act = _UnhashableLeakyReLU(0.1)
+    ours = TransformerEncoderLayer(E, H, FF, dropout=0.0, activation=act, norm_first=norm_first).to(any_path)
+    ref = _pair(ours, torch.nn.TransformerEncoderLayer, E, H, FF, dropout=0.0, activation=act, norm_first=norm_first)
+    x = _x((7, 2, E))
+    assert_close(ours(x.to(any_path, torch.float32)), ref(x), dtype=torch.float32, scale=LAYER_SCALE)
+    ours = TransformerDecoderLayer(E, H, FF, dropout=0.0, activation=act, norm_first=norm_first).to(any_path)
+    ref = _pair(ours, torch.nn.TransformerDecoderLayer, E, H, FF, dropout=0.0, activation=act, norm_first=norm_first)
+    mem = _x((4, 2, E))
+    assert_close(ours(x.to(any_path, torch.float32), mem.to(any_path, torch.float32)), ref(x, mem),
+                 dtype=torch.float32, scale=LAYER_SCALE)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_learned_mask_equal_to_causal_keeps_its_gradient(torch_path, layer):
+    """A learned float mask (the causal mask plus a zero-initialised bias that requires grad) equals the causal
+    mask at first; it is still a differentiable input, not the causal flag: torch.nn's layers (no is_causal hint)
+    give the bias its gradient, and so must ours."""
+    n, b = 6, 2
+    cls, ref_cls = ((TransformerEncoderLayer, torch.nn.TransformerEncoderLayer) if layer == "encoder"
+                    else (TransformerDecoderLayer, torch.nn.TransformerDecoderLayer))
+    ours = cls(E, H, FF, dropout=0.0).double()
+    ref = _pair(ours, ref_cls, E, H, FF, dropout=0.0)
+    x, mem = _x((n, b, E)), _x((4, b, E))
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.float64)
+    dy = torch.randn(n, b, E, dtype=torch.float64)
+    outs, grads = [], []
+    for m in (ref, ours):
+        bias = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
+        out = m(x, src_mask=causal + bias) if layer == "encoder" else m(x, mem, tgt_mask=causal + bias)
+        out.backward(dy)
+        outs.append(out.detach())
+        grads.append(bias.grad)
+    assert grads[0] is not None and grads[0].abs().max() > 0
+    assert grads[1] is not None, "the mask's gradient was dropped"
+    assert_close(outs[1], outs[0], dtype=torch.float64, scale=LAYER_SCALE, name="output")
+    assert_close(grads[1], grads[0], dtype=torch.float64, scale=LAYER_SCALE, name="grad of the mask")
