@@ -28,6 +28,7 @@ one-line message; the CLI prints it and exits with status 2.
 from __future__ import annotations
 
 import collections
+import copyreg
 import datetime as _dt
 import hashlib
 import io
@@ -37,12 +38,13 @@ import re
 import struct
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "MAGIC", "STALE_AFTER", "save", "load", "read_header"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "FORMAT_VERSION", "MAGIC", "STALE_AFTER", "save", "load", "read_header"]
 
 MAGIC = b"LEEDLFCK"
 FORMAT_VERSION = 1
@@ -58,6 +60,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used or written; the message is one line meant for the user."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """``save`` could not write the file (a folder that is not writable, a full disk, ...); an ``OSError`` as
+    well, as it was before it had a one-line message of its own."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -118,11 +125,32 @@ def _where(place) -> str:
     return "payload" + "".join(reversed(steps))
 
 
-def _check_payload(payload) -> None:
-    """Raise ``ValueError`` naming the first value in ``payload`` that ``load`` could not read back."""
+def _allowlisted() -> frozenset:
+    """The classes and functions allowlisted for ``weights_only`` loads (``torch.serialization.add_safe_globals``)
+    under the name pickle writes for them (``module.qualname``): an entry is a class or function, or a
+    (class or function, name) tuple, whose name must then be that one for load to find it."""
+    found = set()
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, None)
+        own = f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', None)}"
+        if name is None or name == own:
+            found.add(obj)
+    return frozenset(found)
+
+
+_GLOBALS = (type, types.FunctionType, types.BuiltinFunctionType)  # what pickle stores by name (GLOBAL)
+
+
+def _check_payload(payload) -> bool:
+    """Raise ``ValueError`` naming the first value in ``payload`` that ``load`` could not read back.
+
+    Returns whether the payload holds an instance of a user-allowlisted class (``add_safe_globals``): what
+    such an object pickles to (its class's reduce) is checked here as far as this walk can, and ``save``
+    then confirms with a trial ``weights_only`` load."""
     if type(payload) not in _MAPPINGS:
         raise ValueError(f"payload must be a dict, got {_type_name(type(payload))}")
-    todo, seen = [(payload, None)], set()
+    allowed = _allowlisted()
+    todo, seen, uses_allowed = [(payload, None)], set(), False
     while todo:
         value, place = todo.pop()
         t = type(value)
@@ -130,8 +158,9 @@ def _check_payload(payload) -> None:
             continue
         if id(value) in seen:  # shared or cyclic: pickle stores it once
             continue
-        if t in _TENSORS:
+        if t in _TENSORS or (t in allowed and issubclass(t, torch.Tensor)):
             seen.add(id(value))
+            uses_allowed |= t not in _TENSORS
             todo += [(v, (place, f".{k}")) for k, v in vars(value).items()]  # attributes are pickled with it
         elif t in _MAPPINGS:
             seen.add(id(value))
@@ -140,10 +169,38 @@ def _check_payload(payload) -> None:
         elif t in _SEQUENCES:
             seen.add(id(value))
             todo += [(v, (place, f"[{i}]" if t is not set else " (an element)")) for i, v in enumerate(value)]
+        elif t in allowed:
+            seen.add(id(value))
+            uses_allowed = True
+            todo += _reduced_parts(value, place)
+        elif isinstance(value, _GLOBALS) and value in allowed:  # the class or function itself, by name
+            uses_allowed = True
         else:
             raise ValueError(
                 f"{_where(place)} is a {_type_name(t)}, which load (weights_only=True) cannot read back; store "
-                "tensors, str, int, float, bool, None, bytes, and dicts, lists, tuples and sets of them")
+                "tensors, str, int, float, bool, None, bytes, and dicts, lists, tuples and sets of them "
+                "(or types allowlisted with torch.serialization.add_safe_globals)")
+    return uses_allowed
+
+
+def _reduced_parts(value, place) -> list:
+    """The values pickle (torch.save's protocol 2) stores for an instance of an allowlisted class."""
+    rv = value.__reduce_ex__(2)
+    if isinstance(rv, str):  # a global of its own: nothing inside it
+        return []
+    func, args, state, listitems, dictitems = (tuple(rv) + (None,) * 5)[:5]
+    parts = []
+    if func is copyreg.__newobj__ and args and args[0] is type(value):
+        args = args[1:]  # the class itself (allowlisted): NEWOBJ
+    parts += [(v, (place, f" (its pickled argument {i})")) for i, v in enumerate(args or ())]
+    if type(state) is dict and all(type(k) is str for k in state):
+        parts += [(v, (place, f".{k}")) for k, v in state.items()]
+    elif state is not None:
+        parts.append((state, (place, " (its pickled state)")))
+    parts += [(v, (place, f"[{i}]")) for i, v in enumerate(listitems or ())]
+    for k, v in dictitems or ():
+        parts += [(k, (place, f" (the key {k!r})")), (v, (place, f"[{k!r}]"))]
+    return parts
 
 
 def _tmp_prefix(name: str) -> str:
@@ -207,8 +264,10 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
     another recipe.  ``extra_header`` (JSON-able) is stored beside it and can be
     read with ``read_header`` without unpickling anything.  Returns the path.
     Raises ``ValueError``, before writing anything, when the payload holds a
-    value ``load`` could not read back (a numpy scalar, a ``Path``, ...), and
-    ``CheckpointError`` when ``path`` is a directory.
+    value ``load`` could not read back (a numpy scalar, a ``Path``, ...; a class
+    allowlisted with ``torch.serialization.add_safe_globals`` is read back), and
+    ``CheckpointError`` when ``path`` is a directory, or ``CheckpointWriteError``
+    (a ``CheckpointError`` and an ``OSError``) when the file cannot be written.
     """
     path = Path(path)
     clash = sorted(set(extra_header or {}) & _HEADER_KEYS)
@@ -218,15 +277,19 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
         json.dumps(extra_header)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra_header must be JSON-able: {exc}") from None
-    _check_payload(payload)
+    uses_allowlisted = _check_payload(payload)
     target = Path(os.path.realpath(path))  # through symbolic links: the link stays, its target is replaced
     if target.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
-    directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
     body = buf.getvalue()
+    if uses_allowlisted:  # what an allowlisted class pickles to is for load itself to judge
+        try:
+            torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"payload holds a value that load (weights_only=True) cannot read back: "
+                             f"{_reason(exc)}") from None
     from . import __version__
 
     header = {
@@ -241,10 +304,20 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
         **(extra_header or {}),
     }
     head = json.dumps(header, sort_keys=True).encode("utf-8")
+    try:
+        _replace_atomically(target, (MAGIC + struct.pack("<I", len(head)) + head, body))
+    except OSError as exc:  # a folder that cannot be written to, a full disk, ...: one line, still an OSError
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _replace_atomically(target: Path, parts: tuple[bytes, ...]) -> None:
+    directory = target.parent
+    directory.mkdir(parents=True, exist_ok=True)
     prefix = _tmp_prefix(target.name)
     _remove_dead_temporaries(directory, prefix)
     for attempt in range(_ATTEMPTS):
-        tmp = _write_temporary(directory, prefix, (MAGIC + struct.pack("<I", len(head)) + head, body))
+        tmp = _write_temporary(directory, prefix, parts)
         try:
             os.replace(tmp, target)
             break
@@ -257,7 +330,6 @@ def save(path: str | os.PathLike, payload: dict, *, recipe: str, extra_header: d
             _unlink(tmp)
             raise
     _fsync_dir(directory)
-    return path
 
 
 def _read(path: Path) -> tuple[dict, bytes]:

@@ -5,13 +5,20 @@ import math
 
 import torch
 
+from ._checks import check_number
+
 __all__ = ["frames"]
 
 
 def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0, lo_open=True)
+
+
+def _samples(rate: float, ms: float) -> float:
+    """``rate * ms / 1000`` samples, rounded; a length too large for a float is infinite (longer than any
+    signal) instead of an OverflowError."""
+    n = rate * ms / 1000.0
+    return round(n) if math.isfinite(n) else math.inf
 
 
 def frames(signal: torch.Tensor, sample_rate: float, window_ms: float = 25, hop_ms: float = 10) -> torch.Tensor:
@@ -33,13 +40,13 @@ def frames(signal: torch.Tensor, sample_rate: float, window_ms: float = 25, hop_
     sample_rate = _positive("sample_rate", sample_rate)
     window_ms = _positive("window_ms", window_ms)
     hop_ms = _positive("hop_ms", hop_ms)
-    win = int(round(sample_rate * window_ms / 1000.0))
-    hop = int(round(sample_rate * hop_ms / 1000.0))
+    win = _samples(sample_rate, window_ms)
+    hop = _samples(sample_rate, hop_ms)
     if win < 1:
         raise ValueError(f"window_ms={window_ms} is shorter than one sample at sample_rate={sample_rate:g}")
     if hop < 1:
         raise ValueError(f"hop_ms={hop_ms} is shorter than one sample at sample_rate={sample_rate:g}")
     t = signal.shape[-1]
     if t < win:
-        raise ValueError(f"signal has {t} samples, shorter than one {window_ms:g} ms window ({win} samples)")
-    return signal.unfold(-1, win, hop)
+        raise ValueError(f"signal has {t} samples, shorter than one {window_ms:g} ms window ({win:g} samples)")
+    return signal.unfold(-1, win, min(hop, t))

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 # --------------------------------------------------------------------------- output files
 
 def prepare_out_dir(out: str | os.PathLike, create: bool = True) -> Path:
+    """``out`` as a folder; with ``create``, made (with its parents) and checked to be writable, so that a
+    folder files cannot be written to is a ``UsageError`` now, not an ``OSError`` at the first checkpoint."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -227,13 +230,30 @@ def prepare_out_dir(out: str | os.PathLike, create: bool = True) -> Path:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
+        try:  # os.access is not enough: root passes it on a read-only filesystem, and ACLs are not seen
+            fd, probe = tempfile.mkstemp(prefix=".tmp-write-test.", dir=out)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot write files there ({exc.strerror or exc})") from None
+        os.close(fd)
+        os.unlink(probe)
     return out
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted or failed write leaves the previous file and no partial one
+        _remove_quietly(tmp)
+        raise
 
 
 def _write_metrics(path: Path, history: list[tuple[int, dict]]) -> None:
@@ -280,10 +300,27 @@ def _plot_losses(path: Path, history: list[tuple[int, dict]], title: str) -> boo
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return True
+
+
+def _strict_json(value):
+    """``value`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write the
+    non-standard NaN and Infinity, which most readers other than Python's refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _json_args(args: argparse.Namespace) -> dict:
@@ -397,14 +434,15 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
     every = max(1, steps // 10) if every is None else int(every)
     if every < 1:
         raise UsageError(f"--checkpoint-every must be >= 1, got {every}")
-    out = prepare_out_dir(args.out, create=main)
-    args.out = out
+    out = prepare_out_dir(args.out, create=False)
     resume_from = _resume_path(args, out)
     loaded = None
-    if resume_from is not None:
+    if resume_from is not None:  # read before --out is made: a checkpoint that is not there leaves nothing behind
         header, payload = ckpt.load(resume_from, recipe=recipe.name)  # every rank reads it (a shared filesystem)
         loaded = (header, payload)
-    elif main and (out / CHECKPOINT_NAME).exists():
+    out = prepare_out_dir(out, create=main)
+    args.out = out
+    if loaded is None and main and (out / CHECKPOINT_NAME).exists():
         say(f"note: {out / CHECKPOINT_NAME} exists and will be overwritten (pass --resume to continue it)")
 
     # Models and data: the same seed on every rank (DDP also broadcasts rank 0's weights).
@@ -566,7 +604,8 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
                                                for k, v in metrics.items()},
         }
         results["files"] = files + sorted(str(p) for p in out.glob("*.png") if str(p) not in files)
-        _write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
+        _write_text_atomic(out / "results.json",
+                           json.dumps(_strict_json(results), indent=1, default=str, allow_nan=False))
         say(f"{recipe.name}: {step} steps in {wall:.1f} s; "
             + " ".join(f"{k}={v:.4g}" for k, v in final.items()) + f"; files in {out}")
     if info.active:
@@ -581,9 +620,9 @@ def sample(recipe, args: argparse.Namespace, payload: dict, checkpoint_path: Pat
     device = resolve_device(getattr(args, "device", None))
     seed_everything(_check_seed(args))
     out = Path(args.out)
-    if out.is_dir():
-        out = out / f"{recipe.name}_samples.png"
     suffixes = getattr(recipe, "sample_suffixes", None)
+    if out.is_dir():
+        out = out / f"{recipe.name}_samples{getattr(recipe, 'sample_suffix', None) or (suffixes or ('.png',))[0]}"
     if suffixes is not None and out.suffix.lower() not in suffixes:
         raise UsageError(f"--out {out}: {recipe.name} writes a picture; use a name ending in {', '.join(suffixes)}")
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import enum
 import hashlib
@@ -103,8 +104,11 @@ def test_failure_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "_write_all", half_then_fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space") as info:
         ckpt.save(path, _payload(2.0), recipe="toy")
+    # still an OSError, and a CheckpointError with one line for the CLI to print
+    assert isinstance(info.value, ckpt.CheckpointError)
+    assert str(info.value) == f"cannot write checkpoint {path}: No space left on device"
     assert calls, "the failing writer was not used"
     assert path.read_bytes() == before
     _, loaded = ckpt.load(path, recipe="toy")
@@ -487,3 +491,91 @@ def test_long_file_name(tmp_path, name):
     ckpt.save(path, {"step": 2}, recipe="toy")
     assert ckpt.load(path)[1]["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, other.name])
+
+
+# --------------------------------------------------------------------------- allowlisted classes (add_safe_globals)
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+    tags: list
+
+
+@pytest.fixture
+def clean_allowlist():
+    """The global weights_only allowlist is empty before and after (other tests rely on torch's defaults)."""
+    torch.serialization.clear_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+
+
+def _load_reference(value):
+    """What torch itself (no leedl_fast) reads back from a weights_only load of ``{"x": value}``."""
+    buf = io.BytesIO()
+    torch.save({"x": value}, buf)
+    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["x"]
+
+
+_ALLOWLISTED = {
+    "namedtuple": (_Pair(1, [2.5]), [_Pair]),
+    "IntEnum": (_Colour.RED, [_Colour]),
+    "dataclass": (_Point(3, ["a", torch.ones(2)]), [_Point]),
+    "datetime": (datetime.datetime(2024, 1, 2, 3, 4, 5), [datetime.datetime]),
+    "tuple_form": (_Pair(1, 2), [(_Pair, f"{_Pair.__module__}.{_Pair.__qualname__}")]),
+    "class_object": (_Colour, [_Colour]),  # the class itself, not an instance
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_ALLOWLISTED))
+def test_allowlisted_class_is_saved_and_loaded(tmp_path, clean_allowlist, kind):
+    value, allow = _ALLOWLISTED[kind]
+    torch.serialization.add_safe_globals(allow)
+    reference = _load_reference(value)  # torch's weights_only load accepts it
+    _, loaded = ckpt.load(ckpt.save(tmp_path / "c.pt", {"step": 1, "m": {"x": value}}, recipe="toy"))
+    assert type(loaded["m"]["x"]) is type(value) is type(reference)
+    if kind == "dataclass":
+        assert loaded["m"]["x"].x == 3 and loaded["m"]["x"].tags[0] == "a"
+        assert torch.equal(loaded["m"]["x"].tags[1], value.tags[1])
+    else:
+        assert loaded["m"]["x"] == value == reference
+    torch.serialization.clear_safe_globals()  # and without the allowlist the file is refused by load
+    with pytest.raises(ckpt.CheckpointError, match="cannot be loaded safely"):
+        ckpt.load(tmp_path / "c.pt")
+
+
+def test_allowlist_context_manager_is_honoured(tmp_path, clean_allowlist):
+    with torch.serialization.safe_globals([_Colour]):
+        ckpt.save(tmp_path / "c.pt", {"c": _Colour.RED}, recipe="toy")
+        assert ckpt.load(tmp_path / "c.pt")[1]["c"] is _Colour.RED
+    with pytest.raises(ValueError, match=r"^payload\['c'\] is a .*_Colour, which load"):
+        ckpt.save(tmp_path / "d.pt", {"c": _Colour.RED}, recipe="toy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+@pytest.mark.parametrize("case", ["other_class", "wrong_name", "bad_attribute", "half_allowlisted"])
+def test_not_allowlisted_is_still_refused(tmp_path, clean_allowlist, case):
+    value, allow, where = {
+        "other_class": (_Colour.RED, [_Pair], r"payload\['x'\] is a .*_Colour, which load"),
+        # a (class, name) entry whose name is not the one pickle writes: load would not find the class
+        "wrong_name": (_Pair(1, 2), [(_Pair, "elsewhere.Pair")], r"payload\['x'\] is a .*_Pair, which load"),
+        "bad_attribute": (_Point(1, [Path("a")]), [_Point], r"payload\['x'\]\.tags\[0\] is a pathlib"),
+        # numpy.float64 pickles through numpy's scalar() and a dtype, which are not allowlisted
+        "half_allowlisted": (np.float64(0.5), [np.float64], r"cannot read back"),
+    }[case]
+    torch.serialization.add_safe_globals(allow)
+    with pytest.raises(Exception):  # the reference: torch's weights_only load refuses it too
+        _load_reference(value)
+    target = tmp_path / "sub" / "c.pt"
+    with pytest.raises(ValueError, match=where):
+        ckpt.save(target, {"x": value}, recipe="toy")
+    assert not target.parent.exists()
+
+
+def test_folder_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    target = blocker / "sub" / "c.pt"
+    with pytest.raises(ckpt.CheckpointError, match=f"^cannot write checkpoint {target}: ") as info:
+        ckpt.save(target, {"step": 1}, recipe="toy")
+    assert isinstance(info.value, OSError) and "\n" not in str(info.value)
+    assert blocker.read_text() == "x"

@@ -1,4 +1,5 @@
 """leedl_fast.data.frames against explicit slicing."""
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,21 @@ def test_rates_and_durations_must_be_finite_numbers(name, value):
     kw = {"sample_rate": 16000, "window_ms": 25, "hop_ms": 10, name: value}
     with pytest.raises(ValueError, match=name):
         frames(torch.randn(500), kw.pop("sample_rate"), **kw)
+
+
+@pytest.mark.parametrize("sample_rate", [np.int64(16000), np.int32(16000), np.float32(16000.0), np.float64(16000.0)])
+def test_numpy_numbers_are_numbers(sample_rate):
+    """A sample rate read from NumPy metadata frames like the Python number (leedl_fast._checks' rule)."""
+    signal = torch.randn(2000)
+    assert torch.equal(frames(signal, sample_rate, window_ms=np.int64(25), hop_ms=np.float32(10.0)),
+                       frames(signal, 16000, window_ms=25, hop_ms=10))
+
+
+def test_lengths_beyond_a_float_are_errors_or_one_frame():
+    signal = torch.arange(100.0)
+    with pytest.raises(ValueError, match="shorter than one"):
+        frames(signal, 1e200, window_ms=1e200)  # a window of more samples than a float holds
+    with pytest.raises(ValueError, match="sample_rate"):
+        frames(signal, 10**400)
+    out = frames(signal, 1000, window_ms=7, hop_ms=1e300)  # a hop past the end: the first frame only
+    assert out.shape == (1, 7) and torch.equal(out[0], signal[:7])

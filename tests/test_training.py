@@ -273,3 +273,27 @@ def test_resume_with_another_world_size_continues_the_epoch(old_world, new_world
         rest += list(sampler)
     usable = len(data) // new_world * new_world                            # DistributedSampler's drop_last
     assert sorted(rest) == sorted(order[per_rank * old_world:usable])
+
+
+def test_results_json_is_standard_json_when_the_run_diverges(tmp_path):
+    """A diverged run (NaN or infinite losses and metrics) still writes results.json that a strict JSON
+    reader accepts (JSON has no NaN or Infinity): the non-finite numbers are null."""
+    from tests.cli import NanToyRecipe
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    results = _train(NanToyRecipe(), _args(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert saved["final_losses"]["mse"] is None and saved["final_losses"]["grad"] is None
+    assert saved["metrics"]["accuracy"] is None
+    assert saved["final_losses"]["ema"] == pytest.approx(results["final_losses"]["ema"])
+    assert saved["steps"] == 10
+
+
+def test_resume_of_a_missing_checkpoint_makes_no_folder(tmp_path):
+    """``--resume`` with no checkpoint to read is refused before --out is created (nothing left behind)."""
+    out = tmp_path / "typo"
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        _train(ToyRecipe(), _args(out, resume=True))
+    assert not out.exists()

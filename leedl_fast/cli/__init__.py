@@ -106,6 +106,13 @@ def resolve_recipe(name: str) -> type:
     raise UsageError(f"unknown model {name!r}; choose from: {known}{extra}")
 
 
+def _sample_suffix(name: str, cls: type) -> str:
+    """The suffix of the file ``sample NAME`` writes by default (also inside an --out that is a folder)."""
+    declared = getattr(cls, "sample_suffixes", None)
+    return (getattr(cls, "sample_suffix", None) or _SAMPLE_SUFFIX.get(name)
+            or (declared[0] if declared else None) or ".png")
+
+
 def recipe_parser(command: str, name: str, cls: type) -> argparse.ArgumentParser:
     """The options of ``leedl-fast {train,sample} NAME``: the shared ones, the recipe's defaults and extras."""
     defaults = dict(getattr(cls, "defaults", {}) or {})
@@ -129,7 +136,7 @@ def recipe_parser(command: str, name: str, cls: type) -> argparse.ArgumentParser
     else:
         p.add_argument("--checkpoint", "--resume", dest="checkpoint", type=Path,
                        default=Path("runs") / name / "checkpoint.pt", help="default %(default)s")
-        suffix = getattr(cls, "sample_suffix", None) or _SAMPLE_SUFFIX.get(name, ".png")
+        suffix = _sample_suffix(name, cls)
         p.add_argument("--out", type=Path, default=Path("runs") / name / f"samples{suffix}",
                        help="picture/text file to write, or a folder (default %(default)s)")
         p.add_argument("--steps", type=int, default=None, help="sampling steps where the model has them "
@@ -185,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many seconds of training per demo (default %(default)s)")
     s.add_argument("--budget", type=float, default=540.0,
                    help="the whole demo's target in seconds: each demo trains for at most its share of what is "
-                        "left, less %d s for its evaluation (default %%(default)s)" % 30)
+                        "left, less what a demo took besides training so far (at least %d s, for its evaluation) "
+                        "(default %%(default)s)" % _FINISH_RESERVE_S)
     s.add_argument("--device", default="auto")
     s.add_argument("--only", type=_csv_list, default=None, help="comma-separated demos to run (default: all)")
     s.add_argument("--no-bench", dest="bench", action="store_false", help="skip the benchmark")
@@ -260,6 +268,8 @@ def _cmd_sample(ns) -> int:
     stored = {k: v for k, v in dict(payload.get("args", {})).items() if k not in _SAMPLE_OWN}
     args = parser.parse_args(ns.options, namespace=argparse.Namespace(**stored))
     args.recipe = ns.name
+    if Path(args.out).is_dir():  # a folder: the file in it is named as the default one, with its suffix
+        args.out = Path(args.out) / f"{recipe.name}_samples{_sample_suffix(ns.name, cls)}"
     path = sample(recipe, args, payload, Path(args.checkpoint))
     print(f"wrote {path}")
     return 0
@@ -268,11 +278,24 @@ def _cmd_sample(ns) -> int:
 _FINISH_RESERVE_S = 30.0  # what a demo's evaluation (finish) may take after its training
 
 
+def _check_demo_args(ns) -> None:
+    """The demo's own options, checked before anything runs (each training would refuse them, one by one)."""
+    from ..training import resolve_device
+
+    if ns.steps is not None and ns.steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {ns.steps}")
+    for flag, value in (("--max-seconds", ns.max_seconds), ("--budget", ns.budget)):
+        if not value >= 0:  # NaN too
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    resolve_device(ns.device)
+
+
 def _cmd_demo(ns) -> int:
     from ..training import train
     from . import info
 
     t_start = time.time()
+    _check_demo_args(ns)
     out = prepare_out_dir(ns.out, create=False)
     found, broken = discover_recipes()
     names = [n for n in _ordered(found) if ns.only is None or n in ns.only]
@@ -318,8 +341,8 @@ def _cmd_demo(ns) -> int:
         seconds = min(ns.max_seconds, max(5.0, share))
         t_run = time.time()
         opts = ["--out", str(out / "train" / name), "--device", ns.device, "--max-seconds", f"{seconds:.0f}"]
-        steps = ns.steps or demo_over.pop("steps", None)
-        if steps:
+        steps = ns.steps if ns.steps is not None else demo_over.pop("steps", None)
+        if steps is not None:
             opts += ["--steps", str(steps)]
         demo_over.pop("steps", None)
         print(f"\n== leedl-fast train {name} " + " ".join(opts), flush=True)

@@ -107,3 +107,25 @@ class PictureToyRecipe(ToyRecipe):
 
         if args.num_samples < 1:
             raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+
+
+class InterruptedToyRecipe(ToyRecipe):
+    """``toy`` where the user presses Ctrl-C (KeyboardInterrupt) during step index ``interrupt_at``."""
+
+    interrupt_at = 7
+
+    def train_step(self, models, optimizers, batch, step, args):
+        if step == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().train_step(models, optimizers, batch, step, args)
+
+
+class NanToyRecipe(ToyRecipe):
+    """``toy`` whose run diverges: its losses and a metric are NaN or infinite."""
+
+    def train_step(self, models, optimizers, batch, step, args):
+        losses = super().train_step(models, optimizers, batch, step, args)
+        return {"mse": float("nan"), "ema": losses["ema"], "grad": float("inf")}
+
+    def finish(self, models, args, out_dir):
+        return {**super().finish(models, args, out_dir), "accuracy": float("nan")}

@@ -323,3 +323,125 @@ def test_diffusion_sample_options_are_checked():
                                       (5, -1, "--per-class")):
         with pytest.raises(UsageError, match=re.escape(message)):
             recipe.check_sample_args(argparse.Namespace(steps=steps, eval_per_class=per_class))
+
+
+# --------------------------------------------------------------------------- folders that cannot be written, Ctrl-C
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".tmp*"))
+
+
+def test_out_that_cannot_be_written_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    """A folder that exists but takes no files (read-only, another user's) is a one-line error up front, not an
+    OSError traceback at the first checkpoint.  (Simulated: the tests may run as root, whom chmod does not stop.)"""
+    import tempfile
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_mkstemp, built = tempfile.mkstemp, []
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    from tests.cli import ToyRecipe
+
+    monkeypatch.setattr(ToyRecipe, "build", lambda self, args, device: built.append(1) or {})
+    rc, _, err = run_main(capsys, "train", "tests.cli:ToyRecipe", "--out", out, "--device", "cpu", "--no-progress")
+    assert_user_error(rc, err, f"--out {out}: cannot write files there (Permission denied)")
+    assert built == [] and list(out.iterdir()) == []
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(capsys, tmp_path, monkeypatch):
+    """The disk fills up during a checkpoint: a one-line error, the previous checkpoint kept, no temporary file."""
+    from leedl_fast import checkpoint as ckpt
+
+    out = tmp_path / "o"
+    argv = ["train", "tests.cli:ToyRecipe", "--steps", "4", "--checkpoint-every", "2", "--out", out,
+            "--device", "cpu", "--no-progress"]
+    assert run_main(capsys, *argv)[0] == 0
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def disk_full(f, data):
+        f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_all", disk_full)
+    rc, _, err = run_main(capsys, *argv)
+    assert "exists and will be overwritten" in err  # the note of a second run into one folder, then the error
+    assert_user_error(rc, err.split("\n", 1)[1], f"cannot write checkpoint {out / 'checkpoint.pt'}: "
+                                                 "No space left on device")
+    assert (out / "checkpoint.pt").read_bytes() == before and _temporaries(out) == []
+
+
+@pytest.mark.parametrize("when", ["step", "metrics_rename", "checkpoint_write"])
+def test_ctrl_c_keeps_the_last_checkpoint_and_leaves_no_temporary(capsys, tmp_path, monkeypatch, when):
+    """Ctrl-C during step index 7 (checkpoints every 3 steps), or while the step-6 checkpoint's files are
+    written: exit status 130, a loadable checkpoint of a completed step, metrics.csv agreeing with it (or
+    absent), and no partly written temporary file left in --out."""
+    from leedl_fast import checkpoint as ckpt
+    from leedl_fast import training
+
+    out = tmp_path / "o"
+    if when == "metrics_rename":  # the interrupt arrives just before metrics.csv's temporary file is renamed
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst).name == "metrics.csv" and ckpt.read_header(out / "checkpoint.pt")["step"] == 6:
+                raise KeyboardInterrupt
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+    elif when == "checkpoint_write":  # ... or half-way through writing the step-6 checkpoint
+        real_write_all = ckpt._write_all
+
+        def write_all(f, data):
+            if b'"step": 6' in data:
+                f.write(data[:10])
+                raise KeyboardInterrupt
+            return real_write_all(f, data)
+
+        monkeypatch.setattr(ckpt, "_write_all", write_all)
+    monkeypatch.setattr(training, "_plot_losses", lambda path, history, title: True)
+    rc, _, err = run_main(capsys, "train", "tests.cli:InterruptedToyRecipe", "--steps", "10", "--checkpoint-every",
+                          "3", "--out", out, "--device", "cpu", "--no-progress")
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+    payload = ckpt.load(out / "checkpoint.pt", recipe="toy")[1]
+    assert payload["step"] == (3 if when == "checkpoint_write" else 6)
+    assert _temporaries(out) == []
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [s for s, _ in payload["history"]][: len(rows) - 1]
+
+
+# --------------------------------------------------------------------------- sample into a folder
+
+def test_sample_into_a_folder_names_the_file_with_the_recipes_suffix(capsys, tmp_path):
+    """``--out FOLDER`` writes FOLDER/<name>_samples<suffix>, the suffix of what the recipe writes: the
+    transformer writes text (its default --out is samples.txt), not a .png."""
+    import torch
+
+    from leedl_fast import checkpoint as ckpt
+    from leedl_fast.seq2seq.recipe import TransformerRecipe
+
+    models = TransformerRecipe().build(argparse.Namespace(), torch.device("cpu"))
+    path = ckpt.save(tmp_path / "t.pt", {"models": {k: m.state_dict() for k, m in models.items()}},
+                     recipe="transformer")
+    help_rc, help_out, _ = run_main(capsys, "sample", "transformer", "--help")
+    default_out = Path(re.search(r"default\s+(\S+)\)", help_out.replace("\n", " ")).group(1))
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rc, stdout, err = run_main(capsys, "sample", "transformer", "--checkpoint", path, "--out", folder,
+                               "--device", "cpu")
+    assert help_rc == 0 and rc == 0, err
+    written = folder / f"transformer_samples{default_out.suffix}"
+    assert default_out.suffix == ".txt" and [p.name for p in folder.iterdir()] == [written.name]
+    assert all(" -> " in line for line in written.read_text().splitlines())  # text, as the recipe writes it
+    # a picture recipe's file in a folder is a picture
+    trained = tmp_path / "toy"
+    assert run_main(capsys, "train", "tests.cli:ToyRecipe", "--steps", "1", "--out", trained, "--device", "cpu",
+                    "--no-progress")[0] == 0
+    rc, _, err = run_main(capsys, "sample", "tests.cli:PictureToyRecipe", "--checkpoint", trained / "checkpoint.pt",
+                          "--out", folder, "--device", "cpu")
+    assert rc == 0, err and (folder / "toy_samples.png").is_file()

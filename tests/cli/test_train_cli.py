@@ -135,3 +135,36 @@ def test_demo_goes_on_after_a_failure(capsys, demo_env, tmp_path):
     rc = cli.main(["demo", "--out", str(out), "--only", "warp_drive", "--no-bench"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown model(s) warp_drive" in err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--steps", "-2", "--steps must be >= 0, got -2"),
+    ("--max-seconds", "-1", "--max-seconds must be >= 0, got -1.0"),
+    ("--max-seconds", "nan", "--max-seconds must be >= 0, got nan"),
+    ("--budget", "nan", "--budget must be >= 0, got nan"),
+    ("--budget", "-5", "--budget must be >= 0, got -5.0"),
+    ("--device", "tpu", "--device 'tpu' is not a device (use auto, cpu, cuda or cuda:N)"),
+])
+def test_demo_settings_are_checked_before_anything_runs(capsys, demo_env, tmp_path, option, value, message):
+    """A bad demo option is one line and exit status 2 before anything runs, not a failure of every demo."""
+    demo_env({"toy": ToyRecipe, "other_toy": OtherToyRecipe})
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--out", str(out), "--no-bench", option, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [f"leedl-fast: error: {message}"]
+    assert not out.exists()
+
+
+def test_demo_steps_zero_is_zero_steps(capsys, demo_env, tmp_path):
+    """``--steps 0`` trains no step (as ``train --steps 0`` does), rather than falling back to the default."""
+    class LongToy(ToyRecipe):
+        demo_defaults = {"steps": 7}
+
+    demo_env({"toy": LongToy})
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--no-bench", "--steps", "0", "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    assert _weights(out / "train" / "toy")["step"] == 0
+    assert cli.main(["demo", "--out", str(out), "--no-bench", "--device", "cpu"]) == 0
+    assert _weights(out / "train" / "toy")["step"] == 7  # without --steps: the recipe's demo setting
