@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
-from .random import MAX_SEED
+from ._checks import check_seed
 
 __all__ = [
     "UsageError", "DistInfo", "train", "sample", "seed_everything", "rng_state", "set_rng_state",
@@ -68,10 +68,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".we
 
 
 def _check_seed(args) -> int:
-    seed = getattr(args, "seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be an int in [0, 2**63 - 1], got {seed!r}")
-    return seed
+    try:
+        return check_seed(getattr(args, "seed", 0), "--seed")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- seeds and RNG states

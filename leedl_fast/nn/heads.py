@@ -16,14 +16,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from .positional import SinusoidalPositionalEncoding
 
 __all__ = ["TokenClassificationHead", "SequenceClassificationHead", "Seq2SeqHead"]
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 class TokenClassificationHead(nn.Module):
@@ -32,8 +28,8 @@ class TokenClassificationHead(nn.Module):
 
     def __init__(self, d_model: int, num_labels: int, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("num_labels", num_labels)
+        check_int("d_model", d_model, 1)
+        check_int("num_labels", num_labels, 1)
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(d_model, num_labels, device=device, dtype=dtype)
 
@@ -53,12 +49,11 @@ class SequenceClassificationHead(nn.Module):
     def __init__(self, d_model: int, num_labels: int, pooling: str = "mean", cls_index: int = 0,
                  dropout: float = 0.0, batch_first: bool = False, device=None, dtype=None):
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("num_labels", num_labels)
+        check_int("d_model", d_model, 1)
+        check_int("num_labels", num_labels, 1)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        if isinstance(cls_index, bool) or not isinstance(cls_index, int):
-            raise ValueError(f"cls_index must be an int, got {cls_index!r}")
+        cls_index = check_int("cls_index", cls_index)
         self.pooling = pooling
         self.cls_index = cls_index
         self.batch_first = batch_first
@@ -104,12 +99,9 @@ class Seq2SeqHead(nn.Module):
                  padding_idx: int | None = None, tie_weights: bool = True, batch_first: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        _positive_int("vocab_size", vocab_size)
-        _positive_int("d_model", d_model)
-        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
-                                        or not -vocab_size <= padding_idx < vocab_size):
-            raise ValueError(f"padding_idx must be None or an int in [-{vocab_size}, {vocab_size}), "
-                             f"got {padding_idx!r}")
+        check_int("vocab_size", vocab_size, 1)
+        check_int("d_model", d_model, 1)
+        padding_idx = check_int("padding_idx", padding_idx, -vocab_size, vocab_size, hi_open=True, optional=True)
         self.batch_first = batch_first
         self.d_model = d_model
         self.token_embedding = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx, device=device, dtype=dtype)

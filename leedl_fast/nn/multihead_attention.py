@@ -259,6 +259,9 @@ class MultiheadAttention(nn.Module):
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         self._check(query, key, value, key_padding_mask, attn_mask)
         batched = query.dim() == 3
+        # Self-attention (one tensor for all three) keeps its identity through the re-layout below, so that
+        # _projections runs one packed product for q, k and v instead of three.
+        same = query is key and key is value
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -266,6 +269,8 @@ class MultiheadAttention(nn.Module):
         elif not self.batch_first:
             # (L, B, E) -> (B, L, E) views; torch computes the same function in the other layout.
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if same:
+            key = value = query
         bsz, n_q, e = query.shape
         n_k = key.shape[1]
         h, d = self.num_heads, self.head_dim

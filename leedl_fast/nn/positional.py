@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import check_int, check_number
+
 __all__ = ["SinusoidalPositionalEncoding", "LearnedPositionalEncoding", "sinusoidal_table"]
 
 
@@ -26,10 +28,7 @@ def sinusoidal_table(max_len: int, d_model: int, dtype: torch.dtype = torch.floa
     """The (max_len, d_model) sinusoid table, computed in float64 then cast to ``dtype``.
 
     An odd ``d_model`` ends with a sine column (its cosine partner would be column d_model)."""
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
-        raise ValueError(f"max_len must be an int >= 0, got {max_len!r}")
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 0:
-        raise ValueError(f"d_model must be an int >= 0, got {d_model!r}")
+    max_len, d_model = check_int("max_len", max_len, 0), check_int("d_model", d_model, 0)
     pos = torch.arange(max_len, dtype=torch.float64, device=device)[:, None]
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64, device=device)
     angle = pos / torch.pow(10000.0, two_i / d_model)  # (max_len, ceil(d_model / 2))
@@ -40,12 +39,7 @@ def sinusoidal_table(max_len: int, d_model: int, dtype: torch.dtype = torch.floa
 
 
 def _check_init(d_model, max_len, dropout):
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-        raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    check_int("d_model", d_model, 1), check_int("max_len", max_len, 1), check_number("dropout", dropout, 0, 1)
 
 
 class _PositionalEncoding(nn.Module):
@@ -69,8 +63,7 @@ class _PositionalEncoding(nn.Module):
                              f"{self.d_model})) or an unbatched (seq, {self.d_model}) one, got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor (embedded vectors), got {x.dtype}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        offset = check_int("offset", offset, 0)
         seq_dim = 1 if (self.batch_first and x.dim() == 3) else 0
         n = x.shape[seq_dim]
         if offset + n > self.max_len:

@@ -39,6 +39,7 @@ What differs from torch.nn:
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Callable
 
 import torch
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backend
+from .._checks import check_int, check_number
 from ..ops.attention import MAX_HEAD_DIM as _OP_MAX_HEAD_DIM
 from ..ops.attention import MIN_HEAD_DIM as _OP_MIN_HEAD_DIM
 from ..ops.attention import attention as _attention_op
@@ -79,19 +81,17 @@ def _check_window(window):
     if window is None:
         return None
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window)):
         raise ValueError(f"window must be None or (left, right) with ints >= -1 (-1: unbounded), got {window!r}")
     return (int(window[0]), int(window[1]))
 
 
 def _check_sizes(d_model, nhead, dim_feedforward, dropout):
     for name, v in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(name, v, 1)
     if d_model % nhead:
         raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    check_number("dropout", dropout, 0, 1)
 
 
 def _batched(x: Tensor, name: str, batch_first: bool, d_model: int) -> tuple[Tensor, bool]:
@@ -442,8 +442,7 @@ class TransformerEncoder(nn.Module):
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
                  enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
         super().__init__()
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-            raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
+        num_layers = check_int("num_layers", num_layers, 0)
         self.layers = _clones(encoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -585,8 +584,7 @@ class TransformerDecoder(nn.Module):
 
     def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None) -> None:
         super().__init__()
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-            raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
+        num_layers = check_int("num_layers", num_layers, 0)
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -717,8 +715,7 @@ class Transformer(nn.Module):
         Returns the generated ids (batch, L), L <= max_len, without ``start``.  Runs without autograd; call
         ``eval()`` first to switch dropout off.  ``leedl_fast.nn.Seq2SeqHead`` provides ``embed`` and ``head``.
         """
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        max_len = check_int("max_len", max_len, 1)
         if not isinstance(src, torch.Tensor) or src.dim() != 3:
             raise ValueError(f"src must be a batched 3-D tensor, got "
                              f"{tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__}")

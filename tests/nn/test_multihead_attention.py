@@ -615,3 +615,25 @@ def test_learned_float_mask_of_zeros_and_infs_gets_gradient(which):
     assert grads[1] is not None, "the mask's gradient was dropped"
     assert_close(outs[1], outs[0], atol=1e-9, rtol=1e-7, name="output")
     assert_close(grads[1], grads[0], atol=1e-9, rtol=1e-7, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first", "unbatched"])
+def test_self_attention_projects_q_k_v_in_one_packed_product(monkeypatch, layout):
+    """query is key is value: one product with the whole in_proj_weight, whatever the layout (the re-layout
+    to (B, L, E) used to make three views, and so three products); the same numbers as torch.nn."""
+    import torch.nn.functional as F
+
+    from leedl_fast.nn import MultiheadAttention
+
+    torch.manual_seed(0)
+    ours = MultiheadAttention(24, 4, batch_first=layout == "batch_first")
+    ref = torch.nn.MultiheadAttention(24, 4, batch_first=layout == "batch_first")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(*((5,) if layout == "unbatched" else (2, 5)), 24)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda inp, w, b=None: (calls.append(w.shape), linear(inp, w, b))[1])
+    out, _ = ours(x, x, x, need_weights=False)
+    monkeypatch.setattr(F, "linear", linear)
+    assert calls.count(torch.Size([72, 24])) == 1 and calls.count(torch.Size([24, 24])) == 1, calls
+    torch.testing.assert_close(out, ref(x, x, x, need_weights=False)[0])
