@@ -270,6 +270,16 @@ def _self_attention(mha, x, *, batch_first, causal, window, mask, kpm, training,
         cache.self_k, cache.self_v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
     o = _attend(q, k, v, causal=causal, window=window, mask=mask, kpm=kpm,
                 dropout_p=mha.dropout if training else 0.0)
+    return _out_proj(mha, o, batch_first, x)
+
+
+def _out_proj(mha, o: Tensor, batch_first: bool, x: Tensor) -> Tensor:
+    """``out_proj`` of the heads o (B, H, N, D): (B, N, E) or (N, B, E).  On the PyTorch path, batch first, laid
+    out as torch.nn.MultiheadAttention returns it, a transposed view of an (N, B, E) tensor: the layer's dropout
+    (torch's there) then draws its mask in torch's memory order, so a torch seed gives torch.nn's result.  The
+    fused kernels take it contiguous."""
+    if batch_first and not _fused(x):
+        return F.linear(_from_heads(o, False), mha.out_proj.weight, mha.out_proj.bias).transpose(0, 1)
     return F.linear(_from_heads(o, batch_first), mha.out_proj.weight, mha.out_proj.bias)
 
 
@@ -287,7 +297,7 @@ def _cross_attention(mha, x, memory, *, batch_first, causal, mask, kpm, training
             cache.memory_k, cache.memory_v = k, v
     o = _attend(q, k, v, causal=causal, window=None, mask=mask, kpm=kpm,
                 dropout_p=mha.dropout if training else 0.0)
-    return F.linear(_from_heads(o, batch_first), mha.out_proj.weight, mha.out_proj.bias)
+    return _out_proj(mha, o, batch_first, x)
 
 
 # ----------------------------------------------------------------------------------------------------------------

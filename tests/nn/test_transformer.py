@@ -808,3 +808,29 @@ def test_learned_mask_equal_to_causal_keeps_its_gradient(torch_path, layer):
     assert grads[1] is not None, "the mask's gradient was dropped"
     assert_close(outs[1], outs[0], dtype=torch.float64, scale=LAYER_SCALE, name="output")
     assert_close(grads[1], grads[0], dtype=torch.float64, scale=LAYER_SCALE, name="grad of the mask")
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_seeded_training_dropout_is_torch_nn(torch_path, kind, norm_first, batch_first):
+    """Training with dropout on the PyTorch path: the same torch seed gives torch.nn's layer output and every
+    parameter gradient.  Batch first, torch's attention output is a transposed (N, B, E) tensor and its dropout
+    draws the mask in that memory order; ours used to be contiguous (B, N, E), so the masks differed."""
+    torch.manual_seed(0)
+    cls, ref_cls = ((TransformerEncoderLayer, torch.nn.TransformerEncoderLayer) if kind == "encoder"
+                    else (TransformerDecoderLayer, torch.nn.TransformerDecoderLayer))
+    ours = cls(E, H, FF, dropout=0.3, batch_first=batch_first, norm_first=norm_first)
+    ref = ref_cls(E, H, FF, dropout=0.3, batch_first=batch_first, norm_first=norm_first)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, E)
+    args = (x,) if kind == "encoder" else (x, torch.randn(3, 7, E) if batch_first else torch.randn(7, 5, E))
+    outs = []
+    for layer in (ours, ref):
+        torch.manual_seed(5)
+        y = layer(*args)
+        y.square().sum().backward()
+        outs.append((y, {n: p.grad for n, p in layer.named_parameters()}))
+    assert_close(outs[0][0], outs[1][0], dtype=torch.float32, scale=LAYER_SCALE, name="output")
+    for name, g in outs[1][1].items():
+        assert_close(outs[0][1][name], g, dtype=torch.float32, scale=LAYER_SCALE, name=name)
