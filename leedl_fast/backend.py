@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ENV_VAR", "Decision", "decide", "select", "triton_available", "interpreting"]
+__all__ = ["ENV_VAR", "Decision", "check_env", "decide", "select", "triton_available", "interpreting"]
 
 ENV_VAR = "LEEDL_FAST_BACKEND"
 _CHOICES = ("auto", "triton", "torch")
@@ -64,6 +64,12 @@ def _requested(raw: str | None) -> str:
     if value not in _CHOICES:
         raise RuntimeError(f"{ENV_VAR} must be one of {', '.join(_CHOICES)}; got {value!r}")
     return value
+
+
+def check_env() -> str:
+    """The requested backend, ``auto``, ``triton`` or ``torch``; RuntimeError naming the variable when it holds
+    anything else (what every op would raise at its first call)."""
+    return _requested(os.environ.get(ENV_VAR))
 
 
 def decide(device: torch.device | str) -> Decision:

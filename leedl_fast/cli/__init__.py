@@ -397,12 +397,25 @@ def _demo_summary(out: Path, info_text: str, bench_md: Path | None, runs, failur
 _COMMANDS = {"info": _cmd_info, "bench": _cmd_bench, "train": _cmd_train, "sample": _cmd_sample, "demo": _cmd_demo}
 
 
+def _check_backend_env() -> None:
+    """A LEEDL_FAST_BACKEND that names no backend is a one-line error before anything runs (every op would raise
+    at its first call, in the middle of a training run)."""
+    from .. import backend
+
+    try:
+        backend.check_env()
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failure, 2 a mistake of the user)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         ns = build_parser().parse_args(argv)
         try:
+            if ns.command != "info":  # info reports a bad LEEDL_FAST_BACKEND itself
+                _check_backend_env()
             return _COMMANDS[ns.command](ns)
         except (UsageError, CheckpointError) as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -445,3 +445,20 @@ def test_sample_into_a_folder_names_the_file_with_the_recipes_suffix(capsys, tmp
     rc, _, err = run_main(capsys, "sample", "tests.cli:PictureToyRecipe", "--checkpoint", trained / "checkpoint.pt",
                           "--out", folder, "--device", "cpu")
     assert rc == 0, err and (folder / "toy_samples.png").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "bench", "demo"])
+def test_bad_backend_variable_is_one_line_before_anything_runs(capsys, monkeypatch, tmp_path, command):
+    """LEEDL_FAST_BACKEND=cuda (no such choice): every op raises at its first call, which was a traceback in the
+    middle of a training run; the CLI now refuses it first (exit 2, one line naming the variable), and ``info``
+    still reports it in its table."""
+    monkeypatch.setenv("LEEDL_FAST_BACKEND", "cuda")
+    argv = {"train": ["train", "tests.cli:ToyRecipe", "--steps", "1", "--device", "cpu", "--out", tmp_path / "t"],
+            "sample": ["sample", "tests.cli:ToyRecipe", "--out", tmp_path / "s.png"],
+            "bench": ["bench", "--quick", "--out", tmp_path / "b"],
+            "demo": ["demo", "--out", tmp_path / "d"]}[command]
+    rc, _, err = run_main(capsys, *argv)
+    assert rc == 2 and "LEEDL_FAST_BACKEND must be one of auto, triton, torch; got 'cuda'" in err, err
+    assert len(err.strip().splitlines()) == 1 and not any((tmp_path / n).exists() for n in ("t", "s.png", "b", "d"))
+    rc, out, _ = run_main(capsys, "info")
+    assert rc == 0 and "LEEDL_FAST_BACKEND must be one of auto, triton, torch; got 'cuda'" in out
