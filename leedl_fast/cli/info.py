@@ -85,10 +85,12 @@ def render(report: dict) -> str:
         lines.append(f"  {d['device']:<8} {d['name']} ({extra})")
     lines += ["", "op paths (path: reason):"]
     width = max(len(r["op"]) for r in report["ops"])
+    dev_w = max((len(dev) for r in report["ops"] for dev in r["paths"]), default=0)
+    path_w = max((len(p["path"]) for r in report["ops"] for p in r["paths"].values()), default=0)
     for r in report["ops"]:
         for i, (dev, p) in enumerate(r["paths"].items()):
             head = r["op"] if i == 0 else ""
-            lines.append(f"  {head:<{width}}  {dev:<5} {p['path']:<7} {p['reason']}")
+            lines.append(f"  {head:<{width}}  {dev:<{dev_w}} {p['path']:<{path_w}} {p['reason']}")
     return "\n".join(lines) + "\n"
 
 

@@ -462,3 +462,17 @@ def test_bad_backend_variable_is_one_line_before_anything_runs(capsys, monkeypat
     assert len(err.strip().splitlines()) == 1 and not any((tmp_path / n).exists() for n in ("t", "s.png", "b", "d"))
     rc, out, _ = run_main(capsys, "info")
     assert rc == 0 and "LEEDL_FAST_BACKEND must be one of auto, triton, torch; got 'cuda'" in out
+
+
+def test_info_columns_line_up_whatever_the_path_names():
+    """The op table's reasons start in one column even when a path is "unavailable" (wider than the 7
+    characters the table used to reserve) and a device name is longer than "cpu"."""
+    from leedl_fast.cli import info
+
+    report = info.collect()
+    report["ops"] = [{"op": "softmax", "paths": {"cpu": {"path": "torch", "reason": "R1"},
+                                               "cuda:0": {"path": "unavailable", "reason": "R2"}}},
+                     {"op": "attention", "paths": {"cpu": {"path": "triton", "reason": "R3"}}}]
+    table = info.render(report).split("op paths (path: reason):\n")[1].splitlines()
+    assert len(table) == 3
+    assert len({line.index(f"R{i + 1}") for i, line in enumerate(table)}) == 1, table
