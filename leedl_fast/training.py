@@ -311,6 +311,16 @@ def _plot_losses(path: Path, history: list[tuple[int, dict]], title: str) -> boo
     return True
 
 
+def _plain_number(value):
+    """A metric as JSON keeps it: a bool, int or float as itself, a NumPy scalar or one-element tensor as the
+    Python number it holds (json.dumps would write its str); anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
 def _strict_json(value):
     """``value`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write the
     non-standard NaN and Infinity, which most readers other than Python's refuse)."""
@@ -600,8 +610,7 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
         results = {
             "recipe": recipe.name, "steps": step, "steps_requested": int(args.steps), "world_size": info.world_size, "device": str(device),
             "seed": seed, "batch_size": int(args.batch_size), "train_seconds": round(wall, 3),
-            "final_losses": final, "metrics": {k: (float(v) if isinstance(v, (int, float)) else v)
-                                               for k, v in metrics.items()},
+            "final_losses": final, "metrics": {k: _plain_number(v) for k, v in metrics.items()},
         }
         results["files"] = files + sorted(str(p) for p in out.glob("*.png") if str(p) not in files)
         _write_text_atomic(out / "results.json",

@@ -297,3 +297,19 @@ def test_resume_of_a_missing_checkpoint_makes_no_folder(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         _train(ToyRecipe(), _args(out, resume=True))
     assert not out.exists()
+
+
+def test_results_json_keeps_metric_types(tmp_path):
+    """Metrics keep their kind in results.json: an int stays an int, a bool a bool, and a NumPy scalar or a
+    one-element tensor is written as the number it holds (json.dumps' default=str wrote its repr)."""
+    import numpy as np
+
+    class MetricsToy(ToyRecipe):
+        def finish(self, models, args, out_dir):
+            return {"count": 7, "ok": True, "np_acc": np.float32(0.25), "np_n": np.int64(3),
+                    "t_acc": torch.tensor(0.5), "label": "fine"}
+
+    _train(MetricsToy(), _args(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert saved == {"count": 7, "ok": True, "np_acc": 0.25, "np_n": 3, "t_acc": 0.5, "label": "fine"}
+    assert type(saved["count"]) is int and type(saved["ok"]) is bool and type(saved["np_n"]) is int
