@@ -226,7 +226,7 @@ class CycleGAN(nn.Module):
         for name, v in (("lambda_A", lambda_A), ("lambda_B", lambda_B), ("lambda_identity", lambda_identity)):
             check_number(name, v, 0)
         check_number("lr", lr, 0, lo_open=True)
-        check_int("seed", seed)
+        check_int("seed", seed, -(2**63), 2**64 - 2)  # the pools take seed and seed + 1 (torch.Generator's range)
         if lambda_identity > 0 and input_nc != output_nc:
             raise ValueError(f"lambda_identity > 0 needs input_nc == output_nc (got {input_nc} and {output_nc}); "
                              "set lambda_identity=0")

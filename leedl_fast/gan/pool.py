@@ -26,7 +26,7 @@ class ImagePool:
     """
 
     def __init__(self, pool_size: int = 50, seed: int = 0):
-        pool_size, seed = check_int("pool_size", pool_size, 0), check_int("seed", seed)
+        pool_size, seed = check_int("pool_size", pool_size, 0), check_int("seed", seed, -(2**63), 2**64 - 1)  # torch.Generator's range
         self.pool_size = pool_size
         self.images: list[torch.Tensor] = []
         self.generator = torch.Generator().manual_seed(int(seed))

@@ -105,3 +105,17 @@ def test_pool_errors():
     for bad in ("a", 1.5, True):
         with pytest.raises(ValueError, match="seed"):
             ImagePool(3, seed=bad)
+
+
+def test_seed_range_is_torch_generators():
+    """Seeds a torch.Generator takes are accepted (negative and past 2**63 too); outside, a ValueError naming
+    the argument instead of torch's "Overflow when unpacking long long"."""
+    from leedl_fast.gan import CycleGAN
+
+    for ok in (-(2**63), -1, 2**63, 2**64 - 1):
+        ImagePool(2, seed=ok)
+    for bad in (-(2**63) - 1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an int in \["):
+            ImagePool(2, seed=bad)
+    with pytest.raises(ValueError, match=r"seed must be an int in \["):
+        CycleGAN(1, 1, ngf=4, ndf=4, n_blocks=0, seed=2**64 - 1)    # the second pool would take 2**64
