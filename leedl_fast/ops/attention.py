@@ -423,9 +423,19 @@ def _fold(q, k, v, mask):
     return qf, kf, vf, mask, True
 
 
+def _scale_into_q(causal: bool, scale: float) -> bool:
+    """Whether ATen's CPU flash kernels need the scale folded into q: with ``is_causal`` they give NaN for a
+    scale that is not positive in float32 (0, negative, or below float32's range: the masked -inf times the
+    scale; torch's SDPA does the same).  Folded (q * scale, scale 1) the scores are the same; 1e-30 leaves a
+    wide margin above float32's smallest number."""
+    return causal and not scale >= 1e-30
+
+
 def _flash(q, k, v, causal: bool, mask, scale: float):
     """ATen's fused CPU forward on (B, Hq, N, D) q and (B, Hkv, Nk, D) k, v: (o, lse) in q's head
     layout.  ``causal`` is the kernel's flag: top-left aligned (query i sees keys j <= i)."""
+    if _scale_into_q(causal, scale):
+        q, scale = q * scale, 1.0
     qf, kf, vf, mf, folded = _fold(q, k, v, mask)
     of, lf = _cpu_flash(qf, kf, vf, 0.0, causal, attn_mask=mf, scale=scale)
     if not folded:
@@ -436,6 +446,9 @@ def _flash(q, k, v, causal: bool, mask, scale: float):
 
 def _flash_bwd(do, q, k, v, o, lse, causal: bool, mask, scale: float):
     """ATen's fused CPU backward: (dq, dk, dv), dk and dv with k's (B, Hkv, Nk, D) shape."""
+    if _scale_into_q(causal, scale):                 # as _flash: the gradient of q * scale, times scale
+        gq, gk, gv = _flash_bwd(do, q * scale, k, v, o, lse, causal, mask, 1.0)
+        return gq * scale, gk, gv
     qf, kf, vf, mf, folded = _fold(q, k, v, mask)
     if not folded:
         return _cpu_flash_bwd(do, q, k, v, o, lse, 0.0, causal, attn_mask=mf, scale=scale)
