@@ -107,7 +107,7 @@ def _bias_act_dropout_torch(x: torch.Tensor, bias: Optional[torch.Tensor], activ
     if dropout_p > 0.0:
         a = row_dropout(a, seed, dropout_p)
     y = a.to(x.dtype).contiguous()
-    if y.data_ptr() == x.data_ptr() and x.numel() > 0:  # identity of a float32 input: never alias the input
+    if y.data_ptr() == x.data_ptr():  # identity of a float32 input: never alias the input (an empty one too)
         y = y.clone()
     return y
 
@@ -134,7 +134,7 @@ def _bias_act_dropout_backward_torch(dy: torch.Tensor, x: torch.Tensor, bias: Op
         g = row_dropout(g, seed, dropout_p)
     dz = _act_backward_torch(g, z, activation)
     dx = dz.to(x.dtype).contiguous()
-    if dx.data_ptr() == dy.data_ptr() and dx.numel() > 0:
+    if dx.data_ptr() == dy.data_ptr():  # never alias dy (an empty one too: torch.library refuses it)
         dx = dx.clone()
     if bias is None:
         return dx, x.new_empty((0,))
