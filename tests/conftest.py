@@ -29,6 +29,18 @@ SEED = 20261127
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test, restored after it: CI's two xdist workers share two cores, and the tests'
+    small shapes gain nothing from more threads but OpenMP's wake-up latency on every op."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
 def _fixed_seed():
     """Every test starts from the same torch generator state."""
     torch.manual_seed(SEED)

@@ -6,7 +6,6 @@ import torch
 
 from leedl_fast.gan import Discriminator, GANTrainer, Generator, SelfAttention2d, gradient_penalty
 from tests.harness import assert_close
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 # (B, C, H, W): head dims padded 1->16, 2->16 / v 20->32, and C=264 split into two 132-channel heads of 256
 SHAPES = [(2, 16, 4, 4), (1, 8, 5, 3), (2, 20, 3, 3), (1, 16, 1, 1), (1, 8, 1, 17), (1, 264, 2, 2)]

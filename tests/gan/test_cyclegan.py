@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from leedl_fast.gan import CycleGAN, NLayerDiscriminator, ResnetGenerator, patchgan_output_size
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def test_patchgan_256_gives_30x30():

@@ -7,7 +7,6 @@ import torch
 from leedl_fast.gan import (LATENT_DISTRIBUTIONS, ConditionalGenerator, Discriminator, Generator,
                             ProjectionDiscriminator, apply_spectral_norm, init_weights, mismatched_condition,
                             sample_latent)
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 SIZES = [1, 5, 8, (7, 5), (13, 17), 28]
 

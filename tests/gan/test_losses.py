@@ -6,7 +6,6 @@ import torch
 
 from leedl_fast.gan import GAN_MODES, GANLoss, gradient_penalty
 from tests.harness import assert_close
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 P = [0.3, -1.2, 2.0, 0.5, -0.05, 3.5]
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from leedl_fast.gan import ImagePool
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _images(n, start=0):

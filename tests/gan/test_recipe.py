@@ -6,7 +6,6 @@ import torch
 
 from leedl_fast.gan.recipe import (RECIPES, CYCLE_L1_THRESHOLD, CycleGANRecipe, GANRecipe, cycle_thresholds, load_digits,
                                    save_grid, thicken)
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _run(recipe, tmp_path, steps, batch_size):

@@ -9,7 +9,6 @@ from leedl_fast.gan import (ConditionalGenerator, Discriminator, GANLoss, GANTra
                             ProjectionDiscriminator, TextEncoder, discriminator_step, generator_step,
                             mismatched_condition, sample_latent)
 from leedl_fast.gan.trainer import frozen
-from tests.gan import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _uncond():

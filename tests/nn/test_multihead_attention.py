@@ -19,15 +19,6 @@ F64 = torch.float64
 E, H = 64, 4                          # head dim 16: the fused op's smallest
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two xdist workers on CI's two cores: one intra-op thread each avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Counts the calls that reach the fused op, on the Triton backend, where the module routes every call

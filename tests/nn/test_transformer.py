@@ -24,17 +24,6 @@ LAYER_SCALE = 8.0
 FP16_SCALE = 20.0
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread per test process (with -n 2 that fills the two cores; more threads only
-    add OpenMP wake-up latency to every small matmul)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 E, H, FF = 32, 2, 24  # head dim 16: the smallest the attention op takes
 
 

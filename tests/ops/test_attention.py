@@ -21,16 +21,6 @@ attn_mod = importlib.import_module("leedl_fast.ops.attention")  # the package at
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """CI runs two xdist workers on two cores: one intra-op thread each avoids oversubscription
-    (the blocked paths issue many small ops, each a thread barrier)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(b, hq, hkv, nq, nk, d, *, layout="contiguous", pad=None, seed=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -564,8 +554,6 @@ def test_right_bounded_split_with_empty_parts_torch(torch_path, nq, nk, right):
     out, dq, dk, dv = _check(torch_path, q, k, v, do, torch.float32, window=(-1, right), key_padding_mask=kpm)
     for t in (out, dq, dk, dv):
         assert not torch.isnan(t).any()
-
-
 
 
 # ------------------------------------------------------------------------------ second derivatives

@@ -69,15 +69,6 @@ _SETTINGS = dict(deadline=None, derandomize=not _HUNTING, database=None, print_b
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread, as the other attention tests (two xdist workers share two cores in CI)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ problems
 
 LAYOUTS = ("contiguous", "bnhd", "packed", "every_other", "d_slice")

@@ -1,18 +1,9 @@
 """The 'transformer' demo recipe: data, a short training run with a plain loop, evaluation, sampling."""
 import argparse
 
-import pytest
 import torch
 
 from leedl_fast.seq2seq import recipe as R
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_dataset_is_reversal():
