@@ -624,6 +624,12 @@ def _train(recipe, args, info: DistInfo, device: torch.device, log, progress) ->
 
 # --------------------------------------------------------------------------- sampling
 
+def sample_suffix(recipe) -> str:
+    """The suffix of the file a recipe (class or instance) samples into by default, also inside an --out that
+    is a folder: its ``sample_suffix``, else the first of its ``sample_suffixes``, else ".png"."""
+    return getattr(recipe, "sample_suffix", None) or (getattr(recipe, "sample_suffixes", None) or (".png",))[0]
+
+
 def sample(recipe, args: argparse.Namespace, payload: dict, checkpoint_path: Path) -> Path:
     """Build the recipe's models, load them from ``payload`` and let the recipe write ``args.out``."""
     device = resolve_device(getattr(args, "device", None))
@@ -631,7 +637,7 @@ def sample(recipe, args: argparse.Namespace, payload: dict, checkpoint_path: Pat
     out = Path(args.out)
     suffixes = getattr(recipe, "sample_suffixes", None)
     if out.is_dir():
-        out = out / f"{recipe.name}_samples{getattr(recipe, 'sample_suffix', None) or (suffixes or ('.png',))[0]}"
+        out = out / f"{recipe.name}_samples{sample_suffix(recipe)}"
     if suffixes is not None and out.suffix.lower() not in suffixes:
         raise UsageError(f"--out {out}: {recipe.name} writes a picture; use a name ending in {', '.join(suffixes)}")
     try:

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
-from ..training import UsageError, prepare_out_dir
+from ..training import UsageError, prepare_out_dir, sample_suffix
 
 __all__ = ["main", "discover_recipes", "resolve_recipe", "recipe_parser", "FAMILIES"]
 
@@ -37,7 +37,6 @@ _BUILTIN_EXTRAS: dict[tuple[str, str], list[tuple[tuple[str, ...], dict]]] = {
         (("--per-class",), dict(dest="eval_per_class", type=int, default=10, help="samples per digit (default 10)")),
     ],
 }
-_SAMPLE_SUFFIX = {"transformer": ".txt"}  # what a recipe's sample() writes, when not a picture
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,13 +105,6 @@ def resolve_recipe(name: str) -> type:
     raise UsageError(f"unknown model {name!r}; choose from: {known}{extra}")
 
 
-def _sample_suffix(name: str, cls: type) -> str:
-    """The suffix of the file ``sample NAME`` writes by default (also inside an --out that is a folder)."""
-    declared = getattr(cls, "sample_suffixes", None)
-    return (getattr(cls, "sample_suffix", None) or _SAMPLE_SUFFIX.get(name)
-            or (declared[0] if declared else None) or ".png")
-
-
 def recipe_parser(command: str, name: str, cls: type) -> argparse.ArgumentParser:
     """The options of ``leedl-fast {train,sample} NAME``: the shared ones, the recipe's defaults and extras."""
     defaults = dict(getattr(cls, "defaults", {}) or {})
@@ -136,7 +128,7 @@ def recipe_parser(command: str, name: str, cls: type) -> argparse.ArgumentParser
     else:
         p.add_argument("--checkpoint", "--resume", dest="checkpoint", type=Path,
                        default=Path("runs") / name / "checkpoint.pt", help="default %(default)s")
-        suffix = _sample_suffix(name, cls)
+        suffix = sample_suffix(cls)
         p.add_argument("--out", type=Path, default=Path("runs") / name / f"samples{suffix}",
                        help="picture/text file to write, or a folder (default %(default)s)")
         p.add_argument("--steps", type=int, default=None, help="sampling steps where the model has them "
@@ -268,8 +260,6 @@ def _cmd_sample(ns) -> int:
     stored = {k: v for k, v in dict(payload.get("args", {})).items() if k not in _SAMPLE_OWN}
     args = parser.parse_args(ns.options, namespace=argparse.Namespace(**stored))
     args.recipe = ns.name
-    if Path(args.out).is_dir():  # a folder: the file in it is named as the default one, with its suffix
-        args.out = Path(args.out) / f"{recipe.name}_samples{_sample_suffix(ns.name, cls)}"
     path = sample(recipe, args, payload, Path(args.checkpoint))
     print(f"wrote {path}")
     return 0

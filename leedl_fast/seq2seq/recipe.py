@@ -160,6 +160,7 @@ class TransformerRecipe:
 
     name = "transformer"
     defaults = {"steps": 1500, "batch_size": 64, "lr": 1e-3}
+    sample_suffix = ".txt"  # sample() writes text
     warmup = 100
     # --steps sets the learning-rate schedule and the data set's size: a resume with another value warns.
     args_that_change_results = ("steps",)
