@@ -10,10 +10,6 @@ from ._checks import check_number
 __all__ = ["frames"]
 
 
-def _positive(name: str, value) -> float:
-    return check_number(name, value, 0, lo_open=True)
-
-
 def _samples(rate: float, ms: float) -> float:
     """``rate * ms / 1000`` samples, rounded; a length too large for a float is infinite (longer than any
     signal) instead of an OverflowError."""
@@ -37,9 +33,9 @@ def frames(signal: torch.Tensor, sample_rate: float, window_ms: float = 25, hop_
         raise ValueError(f"signal must be a torch.Tensor, got {type(signal).__name__}")
     if signal.dim() not in (1, 2):
         raise ValueError(f"signal must be (T,) or (batch, T), got shape {tuple(signal.shape)}")
-    sample_rate = _positive("sample_rate", sample_rate)
-    window_ms = _positive("window_ms", window_ms)
-    hop_ms = _positive("hop_ms", hop_ms)
+    sample_rate = check_number("sample_rate", sample_rate, 0, lo_open=True)
+    window_ms = check_number("window_ms", window_ms, 0, lo_open=True)
+    hop_ms = check_number("hop_ms", hop_ms, 0, lo_open=True)
     win = _samples(sample_rate, window_ms)
     hop = _samples(sample_rate, hop_ms)
     if win < 1:

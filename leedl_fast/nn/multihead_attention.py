@@ -75,13 +75,18 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+def needs_grad(t: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will differentiate with respect to ``t`` (a mask: a learned bias) in this call."""
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
 def _bool_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
     """A mask (bool or float: ``_check`` refuses the rest) as bool (True = masked out) when it is bool or a
     float mask of only 0 / -inf that needs no gradient; else None.  (A float mask that requires grad, such as a
     learned bias that is still all zeros, stays a float mask: as a bool one it would lose its gradient.)"""
     if mask.dtype == torch.bool:
         return mask
-    if mask.requires_grad and torch.is_grad_enabled():
+    if needs_grad(mask):
         return None
     neg = torch.isneginf(mask)
     if bool(((mask == 0) | neg).all()):
@@ -388,8 +393,7 @@ class MultiheadAttention(nn.Module):
         # tensor costs 4x the in-place one on the CPU (page faults on the new buffer), as torch's own
         # inference path does it in place.  A float mask that needs a gradient (a learned bias on a frozen
         # module) keeps the autograd path: the in-place softmax has no derivative.
-        in_place = not (s.requires_grad or (torch.is_grad_enabled() and any(
-            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask))))
+        in_place = not (s.requires_grad or needs_grad(attn_mask) or needs_grad(key_padding_mask))
         hidden = []                                                                      # bool, True = masked
         if attn_mask is not None:
             am = attn_mask if attn_mask.dim() == 2 else attn_mask.view(bsz, h, n_q, n_k)

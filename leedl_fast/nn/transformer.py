@@ -39,7 +39,6 @@ What differs from torch.nn:
 from __future__ import annotations
 
 import copy
-import numbers
 from typing import Callable
 
 import torch
@@ -51,9 +50,10 @@ from .._checks import check_int, check_number
 from ..ops.attention import MAX_HEAD_DIM as _OP_MAX_HEAD_DIM
 from ..ops.attention import MIN_HEAD_DIM as _OP_MIN_HEAD_DIM
 from ..ops.attention import attention as _attention_op
+from ..ops.attention import normalize_window
 from ..ops.bias_act import bias_act_dropout
 from ..ops.layer_norm import dropout_add_layer_norm
-from .multihead_attention import MultiheadAttention, torch_sdpa, torch_sdpa_computes
+from .multihead_attention import MultiheadAttention, needs_grad, torch_sdpa, torch_sdpa_computes
 
 __all__ = [
     "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer", "TransformerDecoder",
@@ -75,15 +75,6 @@ def _get_activation(activation) -> Callable[[Tensor], Tensor]:
     if callable(activation):
         return activation
     raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
-
-
-def _check_window(window):
-    if window is None:
-        return None
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1 for w in window)):
-        raise ValueError(f"window must be None or (left, right) with ints >= -1 (-1: unbounded), got {window!r}")
-    return (int(window[0]), int(window[1]))
 
 
 def _check_sizes(d_model, nhead, dim_feedforward, dropout):
@@ -151,7 +142,7 @@ def _is_causal_mask(mask: Tensor, nq: int, nk: int) -> bool:
     A data-dependent test (one host sync), skipped while torch.compile traces:
     there a mask takes the dense path.  A float mask that requires grad (a learned bias that still equals the
     causal mask) is not replaced by the flag, which would drop its gradient."""
-    if mask.dim() != 2 or torch.compiler.is_compiling() or (mask.requires_grad and torch.is_grad_enabled()):
+    if mask.dim() != 2 or torch.compiler.is_compiling() or needs_grad(mask):
         return False
     pattern = _causal_pattern(nq, nk, mask.device)
     if mask.dtype == torch.bool:
@@ -392,7 +383,7 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         _check_sizes(d_model, nhead, dim_feedforward, dropout)
         f = {"device": device, "dtype": dtype}
-        self.window = _check_window(window)
+        self.window = None if window is None else normalize_window(False, window)
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
                                             **_mha_kwargs(self.window), **f)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **f)
@@ -497,7 +488,7 @@ class TransformerDecoderLayer(nn.Module):
         super().__init__()
         _check_sizes(d_model, nhead, dim_feedforward, dropout)
         f = {"device": device, "dtype": dtype}
-        self.window = _check_window(window)
+        self.window = None if window is None else normalize_window(False, window)
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
                                             **_mha_kwargs(self.window), **f)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
