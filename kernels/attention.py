@@ -74,6 +74,7 @@ LN2 = 0.6931471805599453
 RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_right", "dropout_threshold", "seed",
                 "batch_offset"]
 ALIGN = 16  # elements (strides) and bytes (pointers), as Triton's tt.divisibility
+HEAD_DIM_STEP = 8  # the kernels' HEAD_DIM is a multiple of this (kernel_head_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,21 +82,33 @@ ALIGN = 16  # elements (strides) and bytes (pointers), as Triton's tt.divisibili
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _load_tile(base, start, offs_l, n_rows, stride_r, offs_d,
-               CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``start + offs_l`` of a (rows, HEAD_DIM) matrix with unit stride along d, zero-padded
-    to BLOCK_D.  Row offsets are int64: rows * stride may pass 2**31 for permuted layouts.
-    (Hoisting int32 in-block offsets out of the loops instead was measured to raise register
-    pressure and spills with triton 3.6.)"""
+               CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_PAD: tl.constexpr):
+    """Rows ``start + offs_l`` of a (rows, HEAD_DIM) matrix with unit stride along d, padded to BLOCK_D
+    columns.  Row offsets are int64: rows * stride may pass 2**31 for permuted layouts.  (Hoisting
+    int32 in-block offsets out of the loops instead was measured to raise register pressure and
+    spills with triton 3.6.)
+
+    ZERO_PAD: columns HEAD_DIM..BLOCK_D-1 are zeros (a column mask).  Without it they are copies of
+    columns 0, 1, ... (column ``d % HEAD_DIM``): a load with no column mask, in bounds, which
+    compiles like the load of an unpadded tile.  That is for the tiles the loops load: each meets,
+    in every product, either a zero-padded operand (Q K^T with Q zero-padded) or an output whose
+    padded columns are never stored (P V, dS Q, P^T dO, dS K).  At head dims 72 to 120 and 136 to 248
+    the column masks in the loops made the dK/dV kernel spill on sm_80 and sm_90 and dQ on sm_90
+    (triton 3.6); without them those head dims compile as 128 and 256 do."""
     offs_r = start + offs_l                                                         # [R]
-    ptrs = base + (offs_r.to(tl.int64) * stride_r)[:, None] + offs_d[None, :]      # [R, BLOCK_D]
-    if CHECK_ROWS:
-        if HEAD_DIM == BLOCK_D:
+    if HEAD_DIM == BLOCK_D or ZERO_PAD:
+        cols = offs_d                                                               # [BLOCK_D]
+    else:
+        cols = offs_d % HEAD_DIM                                                    # [BLOCK_D]
+    ptrs = base + (offs_r.to(tl.int64) * stride_r)[:, None] + cols[None, :]        # [R, BLOCK_D]
+    if HEAD_DIM == BLOCK_D or not ZERO_PAD:
+        if CHECK_ROWS:
             t = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
         else:
-            t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == BLOCK_D:
             t = tl.load(ptrs)
+    else:
+        if CHECK_ROWS:
+            t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         else:
             t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return t
@@ -151,7 +164,7 @@ def _attention_fwd_inner(
         # Masked: blocks [start_a, start_a + n_a * BLOCK_N) then from start_b on.
         start_n = tl.where(it < n_a, start_a + it * BLOCK_N, start_b + (it - n_a) * BLOCK_N)
         offs_n = start_n + offs_n0                                                  # [BLOCK_N]
-        k = _load_tile(k_base, start_n, offs_n0, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_base, start_n, offs_n0, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k)) * qk_scale                                      # [BLOCK_M, BLOCK_N] log2 units
         if MASKED:
             visible = offs_n[None, :] < seq_k                                       # [1, BLOCK_N]
@@ -180,7 +193,7 @@ def _attention_fwd_inner(
         if DROPOUT:
             keep = keep_tile(seed, rng_rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)  # [BLOCK_M, BLOCK_N]
             p = tl.where(keep, p, 0.0)                                              # [BLOCK_M, BLOCK_N]
-        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc)                                         # [BLOCK_M, BLOCK_D]
         m_i = m_new
         n_visited += 1
@@ -218,7 +231,7 @@ def _attention_fwd_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)                                                 # [BLOCK_M]
     offs_m = start_m + offs_m0                                                      # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
-    q = _load_tile(q_base, start_m, offs_m0, seq_q, stride_qm, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+    q = _load_tile(q_base, start_m, offs_m0, seq_q, stride_qm, offs_d, True, HEAD_DIM, BLOCK_D, True)  # [BLOCK_M, BLOCK_D]
 
     shift = seq_k - seq_q
     row_last = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + shift
@@ -287,9 +300,9 @@ def _attention_bwd_preprocess_kernel(
     offs_m = start_m + offs_m0                                                      # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
     o = _load_tile(o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh, start_m, offs_m0, seq_q, stride_om, offs_d,
-                   True, HEAD_DIM, BLOCK_D).to(tl.float32)                          # [BLOCK_M, BLOCK_D]
+                   True, HEAD_DIM, BLOCK_D, True).to(tl.float32)                    # [BLOCK_M, BLOCK_D]
     do = _load_tile(do_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh, start_m, offs_m0, seq_q, stride_dom, offs_d,
-                    True, HEAD_DIM, BLOCK_D).to(tl.float32)                         # [BLOCK_M, BLOCK_D]
+                    True, HEAD_DIM, BLOCK_D, True).to(tl.float32)                   # [BLOCK_M, BLOCK_D]
     delta = tl.sum(o * do, 1)                                                       # [BLOCK_M]
     row = (b64 * n_heads + h) * seq_q
     mask = offs_m < seq_q
@@ -313,8 +326,8 @@ def _attention_bwd_dkdv_inner(
     for it in range(0, n_iter):
         start_m = tl.where(it < n_a, start_a + it * BLOCK_M, start_b + (it - n_a) * BLOCK_M)
         offs_m = start_m + offs_m0                                                  # [BLOCK_M]
-        q = _load_tile(q_base, start_m, offs_m0, seq_q, stride_qm, offs_d, MASKED, HEAD_DIM, BLOCK_D)     # [BLOCK_M, BLOCK_D]
-        do = _load_tile(do_base, start_m, offs_m0, seq_q, stride_dom, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+        q = _load_tile(q_base, start_m, offs_m0, seq_q, stride_qm, offs_d, MASKED, HEAD_DIM, BLOCK_D, False)     # [BLOCK_M, BLOCK_D]
+        do = _load_tile(do_base, start_m, offs_m0, seq_q, stride_dom, offs_d, MASKED, HEAD_DIM, BLOCK_D, False)  # [BLOCK_M, BLOCK_D]
         if MASKED:
             # Rows past seq_q: lse2 = +inf makes their p exactly 0.
             lse2 = tl.load(lse2_base + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
@@ -414,7 +427,7 @@ def _attention_bwd_dkdv_kernel(
     offs_n = start_n + offs_n0                                                      # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
     k = _load_tile(k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh, start_n, offs_n0, seq_k, stride_kn, offs_d,
-                   True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_N, BLOCK_D]
+                   True, HEAD_DIM, BLOCK_D, True)                                   # [BLOCK_N, BLOCK_D]
     if HAS_KPM:
         pad = tl.load(kpm_ptr + b64 * stride_kpmb + offs_n, mask=offs_n < seq_k, other=1)  # [BLOCK_N]
         pad_ok = pad == 0
@@ -458,7 +471,7 @@ def _attention_bwd_dkdv_kernel(
             n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
             seed, batch_offset, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, False, True)
         _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), start_n, offs_n0, seq_k, stride_dvn, offs_d, HEAD_DIM, BLOCK_D)
-        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D, True)  # [BLOCK_N, BLOCK_D]
         dk, _, n_visited = _attention_bwd_dkdv_heads(
             zero, unused, k, v, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
@@ -466,7 +479,7 @@ def _attention_bwd_dkdv_kernel(
             n_heads, group, seq_q, seq_k, shift, window_left, window_right, qk_scale, dropout_threshold, dropout_scale,
             seed, batch_offset, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_KPM, DROPOUT, True, False)
     else:
-        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, True, HEAD_DIM, BLOCK_D, True)  # [BLOCK_N, BLOCK_D]
         dk, dv, n_visited = _attention_bwd_dkdv_heads(
             zero, zero, k, v, pad_ok, hk, b64, q_ptr, do_ptr, lse2_ptr, delta_ptr,
             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
@@ -494,8 +507,8 @@ def _attention_bwd_dq_inner(
     for it in range(0, n_iter):
         start_n = tl.where(it < n_a, start_a + it * BLOCK_N, start_b + (it - n_a) * BLOCK_N)
         offs_n = start_n + offs_n0                                                  # [BLOCK_N]
-        k = _load_tile(k_base, start_n, offs_n0, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_base, start_n, offs_n0, seq_k, stride_kn, offs_d, MASKED, HEAD_DIM, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_base, start_n, offs_n0, seq_k, stride_vn, offs_d, MASKED, HEAD_DIM, BLOCK_D, False)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k))                                                  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s * qk_scale - lse2[:, None])                                   # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -549,9 +562,9 @@ def _attention_bwd_dq_kernel(
     offs_m = start_m + offs_m0                                                      # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)                                                  # [BLOCK_D]
     q = _load_tile(q_ptr + b64 * stride_qb + h64 * stride_qh, start_m, offs_m0, seq_q, stride_qm, offs_d,
-                   True, HEAD_DIM, BLOCK_D)                                         # [BLOCK_M, BLOCK_D]
+                   True, HEAD_DIM, BLOCK_D, True)                                   # [BLOCK_M, BLOCK_D]
     do = _load_tile(do_ptr + b64 * stride_dob + h64 * stride_doh, start_m, offs_m0, seq_q, stride_dom, offs_d,
-                    True, HEAD_DIM, BLOCK_D)                                        # [BLOCK_M, BLOCK_D]
+                    True, HEAD_DIM, BLOCK_D, True)                                  # [BLOCK_M, BLOCK_D]
     row = (b64 * n_heads + h64) * seq_q
     lse2 = tl.load(lse2_ptr + row + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
     delta = tl.load(delta_ptr + row + offs_m, mask=offs_m < seq_q, other=0.0)        # [BLOCK_M]
@@ -627,6 +640,20 @@ _CONFIGS = {
         (64, "sm90"): (128, 32, 8, 2), (128, "sm90"): (128, 32, 8, 2), (256, "sm90"): (128, 32, 8, 2),
     },
 }
+# Head dims below the tile's BLOCK_D (kernel_head_dim(D) < BLOCK_D: 40, 80, 96, 160, ...) run
+# zero-padded tiles outside the loops, column-wrapped ones inside (_load_tile) and column-masked
+# stores, which take a few more registers than the unpadded code.  Where that spilled with the
+# entry above, a padded head dim takes the entry below (swept over the padded multiples of 8 of
+# the group, triton 3.6): dK/dV on sm_80 at 72..120: 32 x 64 with 2 stages spilled (28 LDL/STL),
+# 16 x 64 does not (the tile sm_80 runs at 64 and 256).  dQ on sm_90 at 136..248: 128 x 32
+# spilled 8 (64 x 32: 16), 128 x 16 does not.  dK/dV on sm_90 at 136..248: every tile that keeps
+# HGMMA spilled (16 x 64 with 8 warps: 8 LDL/STL with 2 stages, 53 with 1, 128 with 3; 4 or 16
+# warps, 32 x 64: hundreds), so it takes 16 x 32 with 8 warps, spill-free on HMMA (mma.sync), the
+# one entry on sm_90 without HGMMA (untimed: no GPU has measured which of the two is faster).
+_CONFIGS_PADDED = {
+    "_attention_bwd_dkdv_kernel": {(128, "sm80"): (16, 64, 8, 2), (256, "sm90"): (16, 32, 8, 1)},
+    "_attention_bwd_dq_kernel": {(256, "sm90"): (128, 16, 8, 2)},
+}
 _CONFIGS_FP32 = {
     "_attention_fwd_kernel": (32, 16, 8, 2),
     "_attention_bwd_dkdv_kernel": (16, 16, 8, 2),
@@ -695,7 +722,9 @@ def _config(kernel: str, t: torch.Tensor, block_d: int, blocks) -> dict:
     if t.dtype == torch.float32:
         bm, bn, w, s = _CONFIGS_FP32[kernel]
     else:
-        bm, bn, w, s = _CONFIGS[kernel][(_head_dim_group(block_d), _arch(t.device.index or 0))]
+        key = (_head_dim_group(block_d), _arch(t.device.index or 0))
+        padded = _CONFIGS_PADDED.get(kernel, {}) if kernel_head_dim(t.shape[-1]) < block_d else {}
+        bm, bn, w, s = padded.get(key) or _CONFIGS[kernel][key]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **split}
 
 
@@ -703,21 +732,27 @@ def launch_configs() -> list[dict]:
     """Every shipped GPU configuration, one dict per entry: kernel, arch ("sm80"/"sm90"),
     block_d (the largest padded head dim it serves), dtype ("16" = fp16/bf16, "32" = fp32),
     BLOCK_M, BLOCK_N, num_warps, num_stages, split_dkdv (the dK/dV kernel's SPLIT_DKDV; False for
-    the other kernels)."""
+    the other kernels), serves: the head dims it runs, "full" (kernel_head_dim(D) == BLOCK_D), "padded"
+    (kernel_head_dim(D) < BLOCK_D, _CONFIGS_PADDED) or "both"."""
     out = []
     for kernel, table in _CONFIGS.items():
         for (block_d, arch), (bm, bn, w, s) in table.items():
+            padded = _CONFIGS_PADDED.get(kernel, {}).get((block_d, arch))
             out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
-                        "BLOCK_N": bn, "num_warps": w, "num_stages": s})
+                        "BLOCK_N": bn, "num_warps": w, "num_stages": s, "serves": "full" if padded else "both"})
+            if padded:
+                bm, bn, w, s = padded
+                out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
+                            "BLOCK_N": bn, "num_warps": w, "num_stages": s, "serves": "padded"})
     for kernel, (bm, bn, w, s) in _CONFIGS_FP32.items():
         for arch in ("sm80", "sm90"):
             out.append({"kernel": kernel, "arch": arch, "block_d": 256, "dtype": "32", "BLOCK_M": bm,
-                        "BLOCK_N": bn, "num_warps": w, "num_stages": s})
+                        "BLOCK_N": bn, "num_warps": w, "num_stages": s, "serves": "both"})
     for block_d in (64, 256):
         for arch in ("sm80", "sm90"):
             out.append({"kernel": "_attention_bwd_preprocess_kernel", "arch": arch, "block_d": block_d,
                         "dtype": "16", "BLOCK_M": _pre_block_m(block_d), "BLOCK_N": 0, "num_warps": 4,
-                        "num_stages": 1})
+                        "num_stages": 1, "serves": "both"})
     for c in out:
         c["split_dkdv"] = (c["kernel"] == "_attention_bwd_dkdv_kernel" and c["dtype"] == "16"
                            and (c["block_d"], c["arch"]) in _SPLIT_DKDV)
@@ -750,22 +785,38 @@ def _aligned(t: torch.Tensor) -> bool:
             and all(s % ALIGN == 0 for s in t.stride()[:-1]))
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
+def _empty(shape, dtype, device, zero_pad: bool = False) -> torch.Tensor:
     """An uninitialised tensor of ``shape`` whose rows start every ALIGN-multiple elements: a view of
-    (..., round_up(D, ALIGN)) storage when D is not a multiple of ALIGN (D = 40 rows 48 apart)."""
+    (..., round_up(D, ALIGN)) storage when D is not a multiple of ALIGN (D = 40 rows 48 apart).
+    ``zero_pad``: the storage columns past D are zeros."""
     d = shape[-1]
     padded = -(-d // ALIGN) * ALIGN
-    return torch.empty((*shape[:-1], padded), dtype=dtype, device=device)[..., :d]
+    buf = torch.empty((*shape[:-1], padded), dtype=dtype, device=device)
+    if zero_pad:
+        buf[..., d:].zero_()
+    return buf[..., :d]
 
 
-def _prep(t: torch.Tensor) -> torch.Tensor:
+def kernel_head_dim(d: int) -> int:
+    """The HEAD_DIM the kernels are compiled with for head dim ``d``: ``d`` rounded up to a multiple of
+    HEAD_DIM_STEP, so that a row of a 16-bit tile is whole 16-byte vectors.  The columns past ``d``
+    are zeros in the inputs' storage (_prep) and never leave the outputs' storage padding (_empty)."""
+    return -(-d // HEAD_DIM_STEP) * HEAD_DIM_STEP
+
+
+def _prep(t: torch.Tensor, head: bool = True) -> torch.Tensor:
     """``t`` itself when aligned, else a copy in _empty's layout: O(N*D) bytes against the kernels'
     O(N^2*D) work, the price of never running Triton's unaligned (scalar-load) variant.  The head
     dim is padded in storage only, never in the math (FlashAttention-2's interface pads q, k, v to
-    a multiple of 8 for the same reason)."""
-    if _aligned(t):
+    a multiple of 8 for the same reason).  For a q, k, v, o or dO (``head``) whose head dim D is not
+    a multiple of HEAD_DIM_STEP the copy is always made, with zeros in the storage columns up to
+    kernel_head_dim(D), which the kernels read as part of the head: such head dims (20, 77, 100,
+    150) then run the code compiled for multiples of 8, whose loads are 16-byte vectors, instead of
+    the scalar-load code, which spilled registers (head dims 77, 100 and 150 on sm_90)."""
+    ragged = head and t.shape[-1] % HEAD_DIM_STEP != 0
+    if _aligned(t) and not ragged:
         return t
-    out = _empty(t.shape, t.dtype, t.device)
+    out = _empty(t.shape, t.dtype, t.device, zero_pad=ragged)
     out.copy_(t)
     return out
 
@@ -775,7 +826,7 @@ def _kpm(key_padding_mask, q):
     if key_padding_mask is None:
         return q, 0, False  # any aligned pointer; never read
     m = key_padding_mask
-    m = _prep(m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).to(torch.uint8))
+    m = _prep(m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).to(torch.uint8), head=False)
     return m, m.stride(0), True
 
 
@@ -836,7 +887,7 @@ def attention_fwd(q, k, v, *, scale: float, left: int, right: int, key_padding_m
             Hq, Hq // Hkv, Nq, Nk,
             float(scale) * LOG2E, int(left), int(right), dropout_threshold(dropout_p), dropout_scale(dropout_p),
             int(seed or 0), b0,
-            HEAD_DIM=D, BLOCK_D=block_d,
+            HEAD_DIM=kernel_head_dim(D), BLOCK_D=block_d,
             HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm, DROPOUT=dropout,
             COUNT_BLOCKS=count_blocks, **meta,
         )
@@ -888,9 +939,9 @@ def attention_bwd(do, q, k, v, o, lse, *, scale: float, left: int, right: int, k
             o[rows], do[rows], lse[rows], delta[rows], lse2[rows],
             o.stride(0), o.stride(1), o.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
-            Hq, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
+            Hq, Nq, HEAD_DIM=kernel_head_dim(D), BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
         )
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm,
+    common = dict(HEAD_DIM=kernel_head_dim(D), BLOCK_D=block_d, HAS_LEFT=left != -1, HAS_RIGHT=right != -1, HAS_KPM=has_kpm,
                   DROPOUT=dropout, COUNT_BLOCKS=count_blocks)
     scalars = (Hq, Hq // Hkv, Nq, Nk, float(scale) * LOG2E, float(scale), int(left), int(right),
                dropout_threshold(dropout_p), dropout_scale(dropout_p), int(seed or 0))

@@ -3,13 +3,17 @@
 ``launch_configs()`` lists the tile choice of the forward, dK/dV, dQ and preprocess kernels
 per head-dim group (<= 64, 128, 256), dtype kind (fp16/bf16, fp32) and target (sm_80 for
 Ampere-class GPUs, sm_90 for Hopper).  Each entry is compiled for its target (tests/aot.py,
-in a subprocess with the interpreter off) at the largest head dim it serves and in the
-variant with the most live state it serves: band on both sides, key padding and dropout, so
-the masked and the unmasked loop bodies and the Philox code are all in the binary (the dense
-variant is a subset of that code).  To keep CI time
-reasonable each fp16/bf16 entry is compiled in one of the two 16-bit dtypes, alternating over
-head-dim groups and targets so that both dtypes are compiled for every kernel on every target.
-fp16/bf16 must show HMMA on sm_80 and HGMMA on sm_90; fp32 (TF32 products) HMMA on sm_80.
+in a subprocess with the interpreter off) twice: at the largest head dim it serves, and at a
+padded one (40, 96, 160: HEAD_DIM < BLOCK_D, the code path with zero-padded tiles outside the
+loops and column-wrapped ones inside, see kernels/attention.py: _load_tile), in the variant with
+the most live state: band on both sides, key padding and dropout, so the masked and the unmasked
+loop bodies and the Philox code are all in the binary (the dense variant is a subset of that
+code).  To keep CI time reasonable each fp16/bf16 entry is compiled in one of the two 16-bit
+dtypes per head dim, alternating over head-dim groups, targets and padding so that both dtypes
+are compiled for every kernel on every target.
+fp16/bf16 must show HMMA on sm_80 and HGMMA on sm_90; fp32 (TF32 products) HMMA on sm_80.  One
+exception, stated in kernels/attention.py (_CONFIGS_PADDED): dK/dV on sm_90 at padded head dims
+136..248, where every HGMMA tile spilled, runs a spill-free HMMA tile.
 Zero spills everywhere, and shared memory within what one block may use on every GPU of the
 target's class (tests/aot.py: SHARED_LIMIT; sm_80 code also runs on sm_86/sm_89 with 99 KiB).
 
@@ -79,29 +83,38 @@ def _kernel_config(cfg: dict, dt: str, head_dim: int, variant: str) -> KernelCon
                                     num_stages=cfg["num_stages"], label=label))
 
 
-def _dtype_for(cfg: dict) -> str:
+# The padded head dim compiled per BLOCK_D (the 40, 96 and 160).
+PADDED = {64: 40, 128: 96, 256: 160}
+
+
+def _dtype_for(cfg: dict, padded: bool = False) -> str:
     if cfg["dtype"] == "32":
         return "fp32"
-    flip = {64: 0, 128: 1, 256: 0}[cfg["block_d"]] ^ (cfg["arch"] == "sm90")
+    flip = {64: 0, 128: 1, 256: 0}[cfg["block_d"]] ^ (cfg["arch"] == "sm90") ^ padded
     return ("fp16", "bf16")[flip]
 
 
-def _configs(arch: str):
+def _configs(arch: str, padded: bool):
     from leedl_fast.kernels.attention import launch_configs
 
     def variant(cfg):
         return "dense" if cfg["kernel"] == "_attention_bwd_preprocess_kernel" else "dropout"
 
-    return [_kernel_config(cfg, _dtype_for(cfg), cfg["block_d"], variant(cfg))
-            for cfg in launch_configs() if cfg["arch"] == arch]
+    return [_kernel_config(cfg, _dtype_for(cfg, padded), PADDED[cfg["block_d"]] if padded else cfg["block_d"],
+                           variant(cfg))
+            for cfg in launch_configs() if cfg["arch"] == arch and cfg["serves"] in ("both", _SERVES[padded])]
+
+
+_SERVES = {False: "full", True: "padded"}
 
 
 CHUNKS = 2
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
-def test_compiles_without_spills(arch, chunk):
-    cfgs = _configs(arch)[chunk::CHUNKS]
+def test_compiles_without_spills(arch, padded, chunk):
+    cfgs = _configs(arch, padded)[chunk::CHUNKS]
     cc = int(arch[2:])
     reports = compile_many(cfgs, ccs=(cc,))
     assert len(reports) == len(cfgs) > 0
@@ -119,24 +132,30 @@ def test_compiles_without_spills(arch, chunk):
             problems.append(f"shared memory over {SHARED_LIMIT[cc]} B: {r}")
         elif uses_dot and cc == 80 and r.hmma == 0:
             problems.append(f"no HMMA: {r}")
-        elif uses_dot and cc == 90 and sixteen and r.hgmma == 0:
+        elif uses_dot and cc == 90 and sixteen and r.hgmma == 0 and not (padded and "dkdv" in cfg.kernel
+                                                                         and cfg.constexprs["BLOCK_D"] == 256):
             problems.append(f"no HGMMA: {r}")
+        elif uses_dot and cc == 90 and sixteen and r.hgmma + r.hmma == 0:
+            problems.append(f"no tensor-core products: {r}")
     assert not problems, "\n".join(problems)
 
 
 def test_every_config_is_compiled():
     from leedl_fast.kernels.attention import launch_configs
 
-    n = len(_configs("sm80")) + len(_configs("sm90"))
-    assert n == len(launch_configs())
+    n = sum(len(_configs(arch, padded)) for arch in ("sm80", "sm90") for padded in (False, True))
+    assert n == sum(2 if c["serves"] == "both" else 1 for c in launch_configs())
+    assert {c["serves"] for c in launch_configs()} == {"both", "full", "padded"}
     kernels = {c["kernel"] for c in launch_configs()}
     assert kernels == {"_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
                        "_attention_bwd_preprocess_kernel"}
-    # Both 16-bit dtypes are compiled for every kernel on every target.
+    # Both 16-bit dtypes are compiled for every kernel on every target, at full and at padded head dims.
     for arch in ("sm80", "sm90"):
         for kernel in kernels - {"_attention_bwd_preprocess_kernel"}:
-            dts = {_dtype_for(c) for c in launch_configs() if c["arch"] == arch and c["kernel"] == kernel}
-            assert {"fp16", "bf16"} <= dts, (arch, kernel, dts)
+            for padded in (False, True):
+                dts = {_dtype_for(c, padded) for c in launch_configs() if c["arch"] == arch and c["kernel"] == kernel
+                       and c["serves"] in ("both", _SERVES[padded])}
+                assert {"fp16", "bf16"} <= dts, (arch, kernel, padded, dts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +194,9 @@ def _case(name):
         q = buf[1:].view(2, 3, 16, 256)
         return q, q, q, dict(left=16, right=-1, key_padding_mask=torch.ones(2, 16, dtype=torch.bool),
                              dropout_p=0.2, seed=2**40)
+    if name == "d20 view of wider rows":  # head dim 20, rows 32 apart: aligned, yet copied (kernel_head_dim 24)
+        q, k, v = (rnd(1, 2, 9, 32, dtype=torch.float16)[..., :20] for _ in range(3))
+        return q, k, v, dict(left=-1, right=-1, key_padding_mask=None, dropout_p=0.0, seed=5)
     if name == "huge windows":  # bounds past int32 (Triton would type them i64): clamped to the problem
         q, k, v = rnd(1, 2, 33, 64, dtype=torch.float16), rnd(1, 2, 20, 64, dtype=torch.float16), \
             rnd(1, 2, 20, 64, dtype=torch.float16)
@@ -183,7 +205,7 @@ def _case(name):
 
 
 @pytest.mark.parametrize("case", ["d40 odd lengths ones", "packed qkv gqa", "d256 fp32 unaligned start",
-                                  "huge windows"])
+                                  "d20 view of wider rows", "huge windows"])
 def test_launches_use_the_compiled_specialization(monkeypatch, case):
     import torch
 
@@ -199,7 +221,15 @@ def test_launches_use_the_compiled_specialization(monkeypatch, case):
     attention_bwd(do, q, k, v, o, lse, scale=scale, **kw)
     assert [fn.fn.__name__ for fn, _, _ in launches] == list(_KERNELS)
 
-    assert_launches_compiled(launches, _configs("sm80") + _configs("sm90"))
+    assert_launches_compiled(launches, [c for arch in ("sm80", "sm90") for padded in (False, True)
+                                        for c in _configs(arch, padded)])
+    # The head dim the kernels run is a multiple of 8 (kernel_head_dim): the compiled code's loads are
+    # whole 16-byte vectors, whatever D the caller has.
+    assert all(kwargs["HEAD_DIM"] % 8 == 0 and kwargs["HEAD_DIM"] >= q.shape[-1] for _, _, kwargs in launches)
+    if case == "d20 view of wider rows":  # copied with zero columns 20..23, which the kernels read
+        args = launches[0][1]
+        assert all(a.data_ptr() != t.data_ptr() for a, t in zip(args[:3], (q, k, v)))
+        assert launches[0][2]["HEAD_DIM"] == 24
     if case == "packed qkv gqa":  # aligned inputs are not copied
         args = launches[0][1]
         assert [a.data_ptr() for a in args[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]

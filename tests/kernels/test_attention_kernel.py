@@ -89,6 +89,9 @@ def _inputs(device, dtype, B, Hq, Hkv, Nq, Nk, D, kpm_mode, layout="contiguous")
         dev = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in dev]
     elif layout == "strided_d":
         dev = [torch.repeat_interleave(t, 2, dim=-1)[..., ::2] for t in dev]
+    elif layout == "wide_nan":  # rows 16-aligned in wider storage whose columns past D hold NaN
+        wide = -(-D // 16) * 16 + 16
+        dev = [torch.cat([t, t.new_full((*t.shape[:-1], wide - D), float("nan"))], -1)[..., :D] for t in dev]
     return (q, k, v, do, kpm), (*dev, None if kpm is None else kpm.to(device))
 
 
@@ -198,6 +201,19 @@ def test_huge_windows(triton_path, left, right):
     wrap to negative values, so that rows saw no key at all (forward: o = 0) or the wrong keys; the
     launchers clamp a bound wider than the problem to the problem's size, the same band."""
     _check(triton_path, torch.float32, 1, 2, 1, 45, 37, 16, left, right, "random", 0.1)
+
+
+@pytest.mark.parametrize("D,dtype", [(20, torch.float16), (40, torch.float16), (77, torch.float32)])
+def test_padded_head_dims_read_only_the_head(triton_path, D, dtype):
+    """Head dims below the tile width: the kernels load the tiles of their loops with wrapped columns
+    (column d % HEAD_DIM past the head, _load_tile) and run a head dim that is not a multiple of 8 as
+    kernel_head_dim(D) on a copy with zeros in the extra columns (_prep).  Inputs here are views into
+    wider, aligned storage whose columns past D are NaN: a load past the head, or a view not copied
+    before a rounded-up HEAD_DIM is read, would put NaN in the outputs."""
+    from leedl_fast.kernels import attention as A
+
+    assert A.kernel_head_dim(D) == -(-D // 8) * 8 and A.kernel_head_dim(D) < A.block_d_for(D)
+    _check(triton_path, dtype, 1, 2, 1, 33, 47, D, 5, 3, "random", 0.1, layout="wide_nan")
 
 
 @pytest.mark.parametrize("D,left,right,kpm,p", [(160, 9, 2, "random", 0.2), (256, -1, 0, None, 0.0)])
@@ -327,6 +343,34 @@ def test_launch_configs_cover_every_case():
     for d in range(16, 257):
         block_d = max(16, 1 << (d - 1).bit_length())
         assert A._head_dim_group(block_d) in (64, 128, 256) and A._head_dim_group(block_d) >= block_d
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_every_head_dim_launches_a_compiled_entry(monkeypatch, arch):
+    """For every head dim 16..256 and 16-bit or fp32 input, the launch parameters a GPU launch takes are
+    those of exactly one launch_configs() entry that serves that head dim (full or padded), the entries
+    test_attention_compile.py compiles at a full and at a padded head dim."""
+    from types import SimpleNamespace
+
+    from leedl_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "_arch", lambda index: arch)
+    cfgs = A.launch_configs()
+    for d in range(16, 257):
+        block_d = A.block_d_for(d)
+        serves = "padded" if A.kernel_head_dim(d) < block_d else "full"
+        for dtype, kind in ((torch.float16, "16"), (torch.bfloat16, "16"), (torch.float32, "32")):
+            t = SimpleNamespace(dtype=dtype, is_cuda=True, device=SimpleNamespace(index=0), shape=(1, 1, 1, d))
+            for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
+                got = A._config(kernel, t, block_d, None)
+                match = [c for c in cfgs if c["kernel"] == kernel and c["arch"] == arch and c["dtype"] == kind
+                         and (kind == "32" or c["block_d"] == A._head_dim_group(block_d))
+                         and c["serves"] in ("both", serves)]
+                assert len(match) == 1, (d, dtype, kernel, match)
+                c = match[0]
+                assert (got["BLOCK_M"], got["BLOCK_N"], got["num_warps"], got["num_stages"]) == \
+                    (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]), (d, dtype, kernel)
+                assert got.get("SPLIT_DKDV", False) == c["split_dkdv"], (d, dtype, kernel)
 
 
 @pytest.mark.parametrize("capability,arch", [((8, 0), "sm80"), ((8, 6), "sm80"), ((8, 9), "sm80"), ((9, 0), "sm90"),
