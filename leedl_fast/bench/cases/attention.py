@@ -268,6 +268,11 @@ def check(device: str) -> list[CheckResult]:
         ("padding D40", dict(b=3, hq=4, hkv=4, nq=130, nk=130, d=40), {"pad": True}),
         ("window (16,16) pad", dict(b=2, hq=4, hkv=2, nq=513, nk=513, d=64), {"window": (16, 16), "pad": True}),
         ("window (64,0) D96", dict(b=1, hq=4, hkv=4, nq=700, nk=700, d=96), {"window": (64, 0)}),
+        # head dims below the tile width (the padded-head-dim tiles; D160 takes sm_90's HMMA dK/dV tile),
+        # and one that is not a multiple of 8 (run as 24 on a zero-padded copy)
+        ("dropout 0.1 pad window (40,3) GQA D160", dict(b=1, hq=4, hkv=2, nq=190, nk=190, d=160),
+         {"window": (40, 3), "dropout_p": 0.1, "seed": 7, "pad": True}),
+        ("window (5,5) Nq!=Nk D20", dict(b=2, hq=2, hkv=1, nq=100, nk=77, d=20), {"window": (5, 5)}),
         ("dropout 0.2 window (-1,8)", dict(b=2, hq=4, hkv=4, nq=150, nk=150, d=64),
          {"window": (-1, 8), "dropout_p": 0.2, "seed": 42, "pad": True}),
     ]
