@@ -75,6 +75,12 @@ RUNTIME_INTS = ["n_heads", "group", "seq_q", "seq_k", "window_left", "window_rig
                 "batch_offset"]
 ALIGN = 16  # elements (strides) and bytes (pointers), as Triton's tt.divisibility
 HEAD_DIM_STEP = 8  # the kernels' HEAD_DIM is a multiple of this (kernel_head_dim)
+# ptxas's register cap (Triton's maxnreg) on the fp32 launches, as the compile checks compile them: the
+# most a thread of a 256-thread block can have.  Left to itself ptxas held the fp32 forward at 128
+# registers on sm_90 and spilled at head dims 72..120 (6 LDL/STL; 138 registers and none with the cap).
+# The 16-bit launches state none: with the cap the sm_90 dK/dV tile at head dim 256 spilled (4 LDL/STL),
+# without it not.
+MAXNREG_FP32 = 255
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,10 +727,10 @@ def _config(kernel: str, t: torch.Tensor, block_d: int, blocks) -> dict:
         return {"BLOCK_M": bm, "BLOCK_N": bn, **split}
     if t.dtype == torch.float32:
         bm, bn, w, s = _CONFIGS_FP32[kernel]
-    else:
-        key = (_head_dim_group(block_d), _arch(t.device.index or 0))
-        padded = _CONFIGS_PADDED.get(kernel, {}) if kernel_head_dim(t.shape[-1]) < block_d else {}
-        bm, bn, w, s = padded.get(key) or _CONFIGS[kernel][key]
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "maxnreg": MAXNREG_FP32, **split}
+    key = (_head_dim_group(block_d), _arch(t.device.index or 0))
+    padded = _CONFIGS_PADDED.get(kernel, {}) if kernel_head_dim(t.shape[-1]) < block_d else {}
+    bm, bn, w, s = padded.get(key) or _CONFIGS[kernel][key]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **split}
 
 
@@ -732,7 +738,7 @@ def launch_configs() -> list[dict]:
     """Every shipped GPU configuration, one dict per entry: kernel, arch ("sm80"/"sm90"),
     block_d (the largest padded head dim it serves), dtype ("16" = fp16/bf16, "32" = fp32),
     BLOCK_M, BLOCK_N, num_warps, num_stages, split_dkdv (the dK/dV kernel's SPLIT_DKDV; False for
-    the other kernels), serves: the head dims it runs, "full" (kernel_head_dim(D) == BLOCK_D), "padded"
+    the other kernels), maxnreg (ptxas's register cap, None for ptxas's own), serves: the head dims it runs, "full" (kernel_head_dim(D) == BLOCK_D), "padded"
     (kernel_head_dim(D) < BLOCK_D, _CONFIGS_PADDED) or "both"."""
     out = []
     for kernel, table in _CONFIGS.items():
@@ -754,6 +760,7 @@ def launch_configs() -> list[dict]:
                         "dtype": "16", "BLOCK_M": _pre_block_m(block_d), "BLOCK_N": 0, "num_warps": 4,
                         "num_stages": 1, "serves": "both"})
     for c in out:
+        c["maxnreg"] = MAXNREG_FP32 if c["dtype"] == "32" else None
         c["split_dkdv"] = (c["kernel"] == "_attention_bwd_dkdv_kernel" and c["dtype"] == "16"
                            and (c["block_d"], c["arch"]) in _SPLIT_DKDV)
     return out

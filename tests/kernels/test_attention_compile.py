@@ -80,11 +80,13 @@ def _kernel_config(cfg: dict, dt: str, head_dim: int, variant: str) -> KernelCon
                    **_strides("q", "k", "v", "do", "dq"), **tail}
     sig.update({k: "constexpr" for k in const})
     return specialized(KernelConfig(MOD, kernel, sig, const, num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"], label=label))
+                                    num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], label=label))
 
 
-# The padded head dim compiled per BLOCK_D (the 40, 96 and 160).
+# The padded head dim compiled per BLOCK_D (the 40, 96 and 160); the fp32 entries, one per kernel
+# for every head dim, at 96, where ptxas left to itself spilled (kernels/attention.py: MAXNREG_FP32).
 PADDED = {64: 40, 128: 96, 256: 160}
+PADDED_FP32 = 96
 
 
 def _dtype_for(cfg: dict, padded: bool = False) -> str:
@@ -95,12 +97,17 @@ def _dtype_for(cfg: dict, padded: bool = False) -> str:
 
 
 def _configs(arch: str, padded: bool):
-    from leedl_fast.kernels.attention import launch_configs
+    from leedl_fast.kernels.attention import block_d_for, launch_configs
 
     def variant(cfg):
         return "dense" if cfg["kernel"] == "_attention_bwd_preprocess_kernel" else "dropout"
 
-    return [_kernel_config(cfg, _dtype_for(cfg, padded), PADDED[cfg["block_d"]] if padded else cfg["block_d"],
+    def head_dim(cfg):
+        if not padded:
+            return cfg["block_d"]
+        return PADDED_FP32 if cfg["dtype"] == "32" else PADDED[cfg["block_d"]]
+
+    return [_kernel_config(dict(cfg, block_d=block_d_for(head_dim(cfg))), _dtype_for(cfg, padded), head_dim(cfg),
                            variant(cfg))
             for cfg in launch_configs() if cfg["arch"] == arch and cfg["serves"] in ("both", _SERVES[padded])]
 

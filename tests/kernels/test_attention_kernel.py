@@ -371,6 +371,7 @@ def test_every_head_dim_launches_a_compiled_entry(monkeypatch, arch):
                 assert (got["BLOCK_M"], got["BLOCK_N"], got["num_warps"], got["num_stages"]) == \
                     (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]), (d, dtype, kernel)
                 assert got.get("SPLIT_DKDV", False) == c["split_dkdv"], (d, dtype, kernel)
+                assert got.get("maxnreg") == c["maxnreg"] == (A.MAXNREG_FP32 if kind == "32" else None)
 
 
 @pytest.mark.parametrize("capability,arch", [((8, 0), "sm80"), ((8, 6), "sm80"), ((8, 9), "sm80"), ((9, 0), "sm90"),

@@ -49,7 +49,7 @@ def _name(meta: dict) -> str:
 
 def _shipped(kernel: str, q: torch.Tensor) -> dict:
     meta = A._config(kernel, q, A.block_d_for(q.shape[-1]), None)
-    return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in meta}
+    return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg") if k in meta}
 
 
 def _fwd(q, k, v, window, meta):
