@@ -339,7 +339,14 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, grad):
     pred, x0, t, alphas_cumprod, noise = ctx.saved_tensors
-    dpred = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
+    if torch.is_grad_enabled():
+        # A backward with create_graph=True: the gradient in differentiable PyTorch ops (the noise from
+        # the same Philox stream), so that second derivatives (a gradient penalty, a Hessian-vector
+        # product) exist.  The fused backward kernel has no derivative of its own.
+        d = _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
+        dpred = (grad.to(d.dtype) * (2.0 / max(d.numel(), 1)) * d).to(pred.dtype)
+    else:
+        dpred = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
     dx0 = dnoise = None
     need_x0 = ctx.needs_input_grad[1] and ctx.target != "epsilon"
     need_noise = noise is not None and ctx.needs_input_grad[4] and ctx.target != "sample"
@@ -374,7 +381,8 @@ def noise_prediction_loss(pred: torch.Tensor, x0: torch.Tensor, t, alphas_cumpro
     seed.  ``pred`` and ``x0``: same shape (B, ...), float dtypes (may differ);
     math in float32.  Returns a 0-d float32 tensor (float64 if an input is
     float64).  Differentiable in ``pred`` (fused backward kernel), ``x0`` and
-    ``noise``.
+    ``noise``, any number of times (a backward with ``create_graph=True`` computes the
+    gradient in PyTorch ops instead of the kernel).
     """
     if target not in PREDICTION_TYPES:
         raise ValueError(f"target must be one of {', '.join(PREDICTION_TYPES)}, got {target!r}")

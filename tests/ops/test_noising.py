@@ -203,6 +203,44 @@ def test_loss_with_noise_tensor_and_its_grad(any_path, target):
     assert_close(nd.grad, torch.zeros_like(nr) if nr.grad is None else nr.grad, dtype=torch.float32, name="dnoise")
 
 
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("given_noise", [False, True], ids=["seed", "noise"])
+def test_loss_second_derivatives(any_path, target, given_noise):
+    """A Hessian-vector product through the loss (backward with create_graph=True, then differentiated
+    again): d<w, dL/dpred>/d(pred, x0, noise) against the float64 reference's, the noise drawn from the
+    seed or given."""
+    ac = _schedule()
+    shape, seed = (3, 4, 9), 7
+    pred, x0, w = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    noise = torch.randn(shape, dtype=torch.float64) if given_noise else _noise(seed, shape)
+    t = _t(3)
+
+    def hvp(loss_fn, cast):
+        p, x, n = (cast(z).requires_grad_() for z in (pred, x0, noise))
+        (dp,) = torch.autograd.grad(loss_fn(p, x, n), p, create_graph=True)
+        grads = torch.autograd.grad((dp * cast(w)).sum(), (p, x, n) if given_noise else (p, x), allow_unused=True)
+        return [torch.zeros_like(z) if g is None else g for g, z in zip(grads, (p, x, n))]
+
+    want = hvp(lambda p, x, n: noise_prediction_loss_reference(p, x, t, ac.double(), n, target), lambda z: z.clone())
+    kw = {"noise": None, "seed": seed}
+    got = hvp(lambda p, x, n: noise_prediction_loss(p, x, t.to(any_path), ac.to(any_path), target=target,
+                                                    **({"noise": n} if given_noise else kw)),
+              lambda z: z.float().to(any_path))
+    for name, a, b in zip(("pred", "x0", "noise"), got, want):
+        assert_close(a, b, dtype=torch.float32, name=f"d2/d{name}")
+    assert bool(got[0].abs().sum() > 0)  # d2L/dpred2 = 2/N: the product is not trivially zero
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_loss_gradgradcheck(torch_path, target):
+    """Second derivatives in every differentiable input (pred, x0, noise) by finite differences, float64."""
+    ac = _schedule().double()
+    t = _t(2)
+    pred, x0, noise = (torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fn = lambda p, x, n: noise_prediction_loss(p, x, t, ac, noise=n, target=target)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (pred, x0, noise))
+
+
 def test_loss_regenerates_the_q_sample_noise(any_path):
     """Predicting exactly the noise q_sample drew for a seed gives zero loss: the kernel regenerated it."""
     ac = _schedule().to(any_path)
