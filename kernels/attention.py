@@ -98,9 +98,10 @@ def _load_tile(base, start, offs_l, n_rows, stride_r, offs_d,
     columns 0, 1, ... (column ``d % HEAD_DIM``): a load with no column mask, in bounds, which
     compiles like the load of an unpadded tile.  That is for the tiles the loops load: each meets,
     in every product, either a zero-padded operand (Q K^T with Q zero-padded) or an output whose
-    padded columns are never stored (P V, dS Q, P^T dO, dS K).  At head dims 72 to 120 and 136 to 248
-    the column masks in the loops made the dK/dV kernel spill on sm_80 and sm_90 and dQ on sm_90
-    (triton 3.6); without them those head dims compile as 128 and 256 do."""
+    padded columns are never stored (P V, dS Q, P^T dO, dS K).  With column masks in the loops the
+    dK/dV kernel spilled at head dims 72 to 120 (sm_80, sm_90) and 136 to 248 (sm_90), and dQ at 136
+    to 248 (sm_90), with triton 3.6; without them sm_90 compiles 72 to 120 as it compiles 128, and
+    the other spills shrank to what _CONFIGS_PADDED's tiles remove."""
     offs_r = start + offs_l                                                         # [R]
     if HEAD_DIM == BLOCK_D or ZERO_PAD:
         cols = offs_d                                                               # [BLOCK_D]
@@ -738,8 +739,9 @@ def launch_configs() -> list[dict]:
     """Every shipped GPU configuration, one dict per entry: kernel, arch ("sm80"/"sm90"),
     block_d (the largest padded head dim it serves), dtype ("16" = fp16/bf16, "32" = fp32),
     BLOCK_M, BLOCK_N, num_warps, num_stages, split_dkdv (the dK/dV kernel's SPLIT_DKDV; False for
-    the other kernels), maxnreg (ptxas's register cap, None for ptxas's own), serves: the head dims it runs, "full" (kernel_head_dim(D) == BLOCK_D), "padded"
-    (kernel_head_dim(D) < BLOCK_D, _CONFIGS_PADDED) or "both"."""
+    the other kernels), maxnreg (ptxas's register cap, None for ptxas's own), serves: the head dims
+    it runs, "full" (kernel_head_dim(D) == BLOCK_D), "padded" (kernel_head_dim(D) < BLOCK_D,
+    _CONFIGS_PADDED) or "both"."""
     out = []
     for kernel, table in _CONFIGS.items():
         for (block_d, arch), (bm, bn, w, s) in table.items():
