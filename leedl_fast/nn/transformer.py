@@ -433,12 +433,39 @@ def _layer_batch_first(layer: nn.Module) -> bool:
     return bool(getattr(layer, "batch_first", getattr(getattr(layer, "self_attn", None), "batch_first", False)))
 
 
+def _relu_or_gelu(activation) -> bool:
+    """torch.nn.TransformerEncoderLayer's ``activation_relu_or_gelu`` test."""
+    return activation in (F.relu, F.gelu) or isinstance(activation, (nn.ReLU, nn.GELU))
+
+
+def _nested_capable(layer: nn.Module) -> bool:
+    """torch.nn.TransformerEncoder's construction-time conditions for its nested-tensor path
+    (``use_nested_tensor``), for our layer or torch.nn's."""
+    if not isinstance(layer, (TransformerEncoderLayer, nn.TransformerEncoderLayer)):
+        return False
+    attn = layer.self_attn
+    return (not layer.norm_first and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.in_proj_bias is not None and _relu_or_gelu(layer.activation)
+            and layer.norm1.eps == layer.norm2.eps and attn.num_heads % 2 == 0)
+
+
+def _left_aligned(pad: Tensor) -> bool:
+    """Every row of the (B, N) padding mask is valid positions first, then padding."""
+    valid = ~pad
+    return not bool((valid[:, 1:] & ~valid[:, :-1]).any())
+
+
 class TransformerEncoder(nn.Module):
     """A stack of ``num_layers`` deep copies of ``encoder_layer``, then the optional ``norm``.
 
     Mirrors ``torch.nn.TransformerEncoder`` (state_dict keys ``layers.<i>.*`` and ``norm.*``).
-    ``enable_nested_tensor`` and ``mask_check`` are accepted and stored; padding is handled by the attention
-    kernel's key mask, so no nested tensors are built."""
+    Padding is handled by the attention kernel's key mask; no nested tensors are built.  Where
+    torch.nn.TransformerEncoder would run its nested-tensor path (``enable_nested_tensor`` and
+    ``use_nested_tensor``, set from the layer as torch sets it; eval mode, no autograd, a key padding
+    mask whose padding is at the end of each row when ``mask_check``, no ``mask``), the output is zero
+    at the padded positions before ``norm``, as torch's is.  (With ``mask_check=False`` and padding
+    elsewhere torch's path runs the first unpadded-count positions instead of the unpadded ones; here
+    the padded positions are zeroed.)"""
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
                  enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
@@ -448,14 +475,37 @@ class TransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
         self.enable_nested_tensor = enable_nested_tensor
-        self.use_nested_tensor = False
+        self.use_nested_tensor = bool(enable_nested_tensor) and _nested_capable(encoder_layer)
         self.mask_check = mask_check
+
+    def _nested_padding(self, src: Tensor, mask, src_key_padding_mask) -> Tensor | None:
+        """The (B, N) positions torch.nn.TransformerEncoder's nested-tensor path would return as zeros for
+        this call, or None when it would not take that path (its forward-time conditions)."""
+        kpm = src_key_padding_mask
+        if (not self.use_nested_tensor or not torch.backends.mha.get_fastpath_enabled() or not self.layers
+                or self.layers[0].training or src.dim() != 3 or kpm is None or mask is not None
+                or src.is_nested or torch.is_autocast_enabled()):
+            return None
+        pad = kpm if kpm.dtype == torch.bool else kpm != 0
+        if self.mask_check and (torch.compiler.is_compiling() or not _left_aligned(pad)):
+            return None
+        first = self.layers[0]
+        tensors = (src, first.self_attn.in_proj_weight, first.self_attn.in_proj_bias, first.self_attn.out_proj.weight,
+                   first.self_attn.out_proj.bias, first.norm1.weight, first.norm1.bias, first.norm2.weight,
+                   first.norm2.bias, first.linear1.weight, first.linear1.bias, first.linear2.weight,
+                   first.linear2.bias)
+        if (src.device.type not in ("cpu", "cuda", "xpu", torch.utils.backend_registration._privateuse1_backend_name)
+                or torch.overrides.has_torch_function(tensors)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            return None
+        return pad
 
     def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool | None = None) -> Tensor:
         """As ``TransformerEncoderLayer.forward``; a ``mask`` equal to the causal mask is detected once here."""
         out = src
         causal = bool(is_causal)
+        zero = self._nested_padding(src, mask, src_key_padding_mask) if isinstance(src, torch.Tensor) else None
         if isinstance(src, torch.Tensor) and self.layers:
             n = _seq_len(src, _layer_batch_first(self.layers[0]))
             causal, resolved = _resolve_mask(_check_mask("mask", mask, n, n), is_causal, n, n)
@@ -465,6 +515,8 @@ class TransformerEncoder(nn.Module):
                 mask = resolved
         for layer in self.layers:
             out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=causal)
+        if zero is not None:
+            out = out.masked_fill(zero[..., None], 0.0)
         if self.norm is not None:
             out = self.norm(out)
         return out

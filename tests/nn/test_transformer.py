@@ -169,6 +169,61 @@ def test_encoder_layer_eval_no_grad_matches_torch_fast_path(torch_path):
     assert_close(a[keep], e[keep], dtype=torch.float32, scale=LAYER_SCALE)
 
 
+# (name, layer kwargs, encoder kwargs, eval, no_grad, padding, float mask, attn mask given, torch zeroes padding)
+NESTED_CASES = [
+    ("nested path", {}, {}, True, True, "end", False, False, True),
+    ("nested path, float mask", {}, {}, True, True, "end", True, False, True),
+    ("nested path, gelu", {"activation": "gelu"}, {}, True, True, "end", False, False, True),
+    ("padding not at the end", {}, {}, True, True, "middle", False, False, False),
+    ("mask_check off", {}, {"mask_check": False}, True, True, "end", False, False, True),
+    ("autograd on", {}, {}, True, False, "end", False, False, False),
+    ("train mode", {"dropout": 0.0}, {}, False, True, "end", False, False, False),
+    ("attn mask given", {}, {}, True, True, "end", False, True, False),
+    ("enable_nested_tensor off", {}, {"enable_nested_tensor": False}, True, True, "end", False, False, False),
+    ("norm_first", {"norm_first": True}, {}, True, True, "end", False, False, False),
+    ("odd head count", {"nhead": 1}, {}, True, True, "end", False, False, False),
+    ("batch_first off", {"batch_first": False}, {}, True, True, "end", False, False, False),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", NESTED_CASES, ids=[c[0] for c in NESTED_CASES])
+def test_encoder_padded_outputs_as_torch_nested_tensor_path(torch_path, case):
+    """torch.nn.TransformerEncoder returns zeros at padded positions (before its norm) when it runs its
+    nested-tensor path: eval mode, no autograd, padding at the end of each row (with mask_check), no mask,
+    a layer of the shape that path takes.  Ours decides the same way (use_nested_tensor included) and
+    gives the same full output, padded positions included, in every case."""
+    _, layer_kw, enc_kw, eval_mode, no_grad, padding, float_mask, attn_mask, zeroes = case
+    kw = {**dict(d_model=E, nhead=H, dim_feedforward=FF, dropout=0.1, batch_first=True), **layer_kw}
+    ours = TransformerEncoder(TransformerEncoderLayer(**kw), 2, norm=torch.nn.LayerNorm(E), **enc_kw).double()
+    ref = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(**kw), 2, norm=torch.nn.LayerNorm(E),
+                                      **enc_kw).double()
+    ref.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ours.norm.bias.uniform_(-1, 1)
+        ref.norm.bias.copy_(ours.norm.bias)
+    ours.train(not eval_mode)
+    ref.train(not eval_mode)
+    assert ours.use_nested_tensor == ref.use_nested_tensor
+    b, n = 3, 9
+    x = _x(_layout(n, b, kw["batch_first"]))
+    kpm = torch.zeros(b, n, dtype=torch.bool)
+    kpm[1, 6:] = True
+    kpm[2, 2:] = True
+    if padding == "middle":
+        kpm[0, 3] = True
+    mask_kw = {"src_key_padding_mask": kpm.double().masked_fill(kpm, float("-inf")) if float_mask else kpm}
+    if attn_mask:
+        mask_kw["mask"] = torch.zeros(n, n, dtype=torch.bool)
+    with torch.set_grad_enabled(not no_grad):
+        a, e = ours(x, **mask_kw), ref(x, **mask_kw)
+    assert_close(a, e, dtype=torch.float64, scale=LAYER_SCALE)
+    pad = kpm.t() if not kw["batch_first"] else kpm
+    at_pad = a[pad[..., None].expand_as(a)].view(-1, E)
+    bias = ours.norm.bias.detach().expand_as(at_pad)
+    assert torch.equal(at_pad, bias) == zeroes  # norm(0) = its bias exactly where the positions were zeroed
+
+
 # ------------------------------------------------------------------------------------------------ decoder layer
 
 def _decoder_kwargs(m, prefix):
