@@ -25,6 +25,7 @@ one step trains; this module does everything around it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import inspect
@@ -130,6 +131,20 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` for the block and restored after it (``None``: left as is)."""
+    if n is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _env_int(name: str, default: int) -> int:

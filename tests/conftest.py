@@ -23,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 
+from leedl_fast.training import torch_threads  # noqa: E402
 from tests.harness import poison_empty  # noqa: E402
 
 SEED = 20261127
@@ -32,12 +33,8 @@ SEED = 20261127
 def _one_thread():
     """One intra-op thread per test, restored after it: CI's two xdist workers share two cores, and the tests'
     small shapes gain nothing from more threads but OpenMP's wake-up latency on every op."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ within the default 1500 steps, a couple of minutes on two CPU cores.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import pathlib
 
@@ -23,6 +22,7 @@ from torch import nn
 from ..nn.heads import Seq2SeqHead
 from ..nn.positional import SinusoidalPositionalEncoding
 from ..nn.transformer import Transformer
+from ..training import torch_threads
 
 __all__ = ["ReverseDigits", "ReverseTransformer", "TransformerRecipe", "RECIPES", "encode", "decode"]
 
@@ -137,22 +137,13 @@ def exact_match(model: ReverseTransformer, strings: list[str], device, batch: in
     return correct / max(len(strings), 1), outs
 
 
-@contextlib.contextmanager
 def _one_cpu_thread(device):
     """One intra-op thread for this tiny model on the CPU, restored afterwards.
 
     Its matmuls are a few microseconds each, so waking a second OpenMP thread costs more than it saves; on a
     busy 2-core machine two threads made a step 30x slower (2.5 s against 70 ms, measured).  Restored on exit so
     other demos in the same process keep their thread count."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    return torch_threads(1 if torch.device(device).type == "cpu" else None)
 
 
 class TransformerRecipe:

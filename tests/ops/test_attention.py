@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from leedl_fast.ops import (attention, attention_reference, banded_attention, normalize_window,
                             window_from_flash_attn, window_from_flex_sliding, window_from_num_keys)
+from leedl_fast.training import torch_threads
 from tests.harness import assert_close
 
 attn_mod = importlib.import_module("leedl_fast.ops.attention")  # the package attribute is the function
@@ -223,16 +224,12 @@ def test_deterministic_torch(torch_path, kw):
     attention in ATen's kernels (key gradients summed over the group inside them), two threads."""
     q, k, v, do, kpm = _inputs(2, 4, 1, 70, 90, 32, pad="random")
     runs = []
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for _ in range(2):
             qa, ka, va = (t.float().requires_grad_() for t in (q, k, v))
             o = attention(qa, ka, va, key_padding_mask=kpm, **kw)
             o.backward(do.float())
             runs.append((o, qa.grad, ka.grad, va.grad))
-    finally:
-        torch.set_num_threads(n)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ def _fuzz(path: str, ci_torch: int, ci_triton: int):
     if _LOCAL:
         return settings(max_examples=_LOCAL if path == "torch" else _LOCAL_TRITON, derandomize=False, **common)
     return settings(max_examples=ci_torch if path == "torch" else ci_triton, derandomize=True, **common)
+
+
+def _run_fuzz(path, cases, check, ci_torch: int, ci_triton: int) -> None:
+    """``check(case, device)`` on every example ``cases(path name)`` draws, with ``_fuzz``'s settings."""
+    name, device = path
+
+    @_fuzz(name, ci_torch, ci_triton)
+    @given(cases(name))
+    def run(c):
+        check(c, device)
+
+    run()
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -215,14 +228,7 @@ def _check_softmax(c, device):
 
 
 def test_softmax_fuzz(path):
-    name, device = path
-
-    @_fuzz(name, 60, 10)
-    @given(softmax_cases(name))
-    def run(c):
-        _check_softmax(c, device)
-
-    run()
+    _run_fuzz(path, softmax_cases, _check_softmax, 60, 10)
 
 
 # ============================================================================= bias + activation + dropout
@@ -292,14 +298,7 @@ def _check_bias_act(c, device):
 
 
 def test_bias_act_dropout_fuzz(path):
-    name, device = path
-
-    @_fuzz(name, 80, 12)
-    @given(bias_act_cases(name))
-    def run(c):
-        _check_bias_act(c, device)
-
-    run()
+    _run_fuzz(path, bias_act_cases, _check_bias_act, 80, 12)
 
 
 # ============================================================================= dropout + residual + layer norm
@@ -414,14 +413,7 @@ def _check_layer_norm(c, device):
 
 
 def test_dropout_add_layer_norm_fuzz(path):
-    name, device = path
-
-    @_fuzz(name, 80, 8)
-    @given(layer_norm_cases(name))
-    def run(c):
-        _check_layer_norm(c, device)
-
-    run()
+    _run_fuzz(path, layer_norm_cases, _check_layer_norm, 80, 8)
 
 
 # ============================================================================= diffusion noising
@@ -501,14 +493,7 @@ def _check_q_sample(c, device):
 
 
 def test_q_sample_fuzz(path):
-    name, device = path
-
-    @_fuzz(name, 60, 10)
-    @given(q_sample_cases(name))
-    def run(c):
-        _check_q_sample(c, device)
-
-    run()
+    _run_fuzz(path, q_sample_cases, _check_q_sample, 60, 10)
 
 
 @st.composite
@@ -585,25 +570,11 @@ def _check_step(c, device, kind):
 
 
 def test_ddpm_step_fuzz(path):
-    name, device = path
-
-    @_fuzz(name, 60, 10)
-    @given(step_cases(name, "ddpm"))
-    def run(c):
-        _check_step(c, device, "ddpm")
-
-    run()
+    _run_fuzz(path, partial(step_cases, kind="ddpm"), partial(_check_step, kind="ddpm"), 60, 10)
 
 
 def test_ddim_step_fuzz(path):
-    name, device = path
-
-    @_fuzz(name, 60, 10)
-    @given(step_cases(name, "ddim"))
-    def run(c):
-        _check_step(c, device, "ddim")
-
-    run()
+    _run_fuzz(path, partial(step_cases, kind="ddim"), partial(_check_step, kind="ddim"), 60, 10)
 
 
 # ----------------------------------------------------------------------------- diffusers' schedulers
