@@ -742,29 +742,28 @@ def launch_configs() -> list[dict]:
     the other kernels), maxnreg (ptxas's register cap, None for ptxas's own), serves: the head dims
     it runs, "full" (kernel_head_dim(D) == BLOCK_D), "padded" (kernel_head_dim(D) < BLOCK_D,
     _CONFIGS_PADDED) or "both"."""
+    def entry(kernel, arch, block_d, dtype, tile, serves):
+        bm, bn, w, s = tile
+        return {"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": dtype, "BLOCK_M": bm, "BLOCK_N": bn,
+                "num_warps": w, "num_stages": s, "serves": serves,
+                "maxnreg": MAXNREG_FP32 if dtype == "32" else None,
+                "split_dkdv": (kernel == "_attention_bwd_dkdv_kernel" and dtype == "16"
+                               and (block_d, arch) in _SPLIT_DKDV)}
+
     out = []
     for kernel, table in _CONFIGS.items():
-        for (block_d, arch), (bm, bn, w, s) in table.items():
+        for (block_d, arch), tile in table.items():
             padded = _CONFIGS_PADDED.get(kernel, {}).get((block_d, arch))
-            out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
-                        "BLOCK_N": bn, "num_warps": w, "num_stages": s, "serves": "full" if padded else "both"})
+            out.append(entry(kernel, arch, block_d, "16", tile, "full" if padded else "both"))
             if padded:
-                bm, bn, w, s = padded
-                out.append({"kernel": kernel, "arch": arch, "block_d": block_d, "dtype": "16", "BLOCK_M": bm,
-                            "BLOCK_N": bn, "num_warps": w, "num_stages": s, "serves": "padded"})
-    for kernel, (bm, bn, w, s) in _CONFIGS_FP32.items():
+                out.append(entry(kernel, arch, block_d, "16", padded, "padded"))
+    for kernel, tile in _CONFIGS_FP32.items():
         for arch in ("sm80", "sm90"):
-            out.append({"kernel": kernel, "arch": arch, "block_d": 256, "dtype": "32", "BLOCK_M": bm,
-                        "BLOCK_N": bn, "num_warps": w, "num_stages": s, "serves": "both"})
+            out.append(entry(kernel, arch, 256, "32", tile, "both"))
     for block_d in (64, 256):
         for arch in ("sm80", "sm90"):
-            out.append({"kernel": "_attention_bwd_preprocess_kernel", "arch": arch, "block_d": block_d,
-                        "dtype": "16", "BLOCK_M": _pre_block_m(block_d), "BLOCK_N": 0, "num_warps": 4,
-                        "num_stages": 1, "serves": "both"})
-    for c in out:
-        c["maxnreg"] = MAXNREG_FP32 if c["dtype"] == "32" else None
-        c["split_dkdv"] = (c["kernel"] == "_attention_bwd_dkdv_kernel" and c["dtype"] == "16"
-                           and (c["block_d"], c["arch"]) in _SPLIT_DKDV)
+            out.append(entry("_attention_bwd_preprocess_kernel", arch, block_d, "16", (_pre_block_m(block_d), 0, 4, 1),
+                             "both"))
     return out
 
 

@@ -288,6 +288,12 @@ def _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target):
     return pred.to(acc) - tgt
 
 
+def _loss_grad_torch(grad, pred, x0, t, alphas_cumprod, noise, seed, target):
+    """d loss / d pred in PyTorch ops (differentiable): grad * 2 (pred - target) / N, in pred's dtype."""
+    d = _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target)
+    return (grad.to(d.dtype) * (2.0 / max(d.numel(), 1)) * d).to(pred.dtype)
+
+
 def _loss_dtype(pred: torch.Tensor, x0: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (pred.dtype, x0.dtype) else torch.float32
 
@@ -315,8 +321,7 @@ def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, 
                       alphas_cumprod: torch.Tensor, noise: torch.Tensor | None, seed: int,
                       target: str) -> torch.Tensor:
     if x0.numel() == 0 or not _use_triton(pred, x0, noise):
-        d = _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, seed, target)
-        return (grad.to(d.dtype) * (2.0 / max(d.numel(), 1)) * d).to(pred.dtype).contiguous()
+        return _loss_grad_torch(grad, pred, x0, t, alphas_cumprod, noise, seed, target).contiguous()
     from leedl_fast.kernels.noising import loss_bwd
 
     out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
@@ -343,8 +348,7 @@ def _loss_backward(ctx, grad):
         # A backward with create_graph=True: the gradient in differentiable PyTorch ops (the noise from
         # the same Philox stream), so that second derivatives (a gradient penalty, a Hessian-vector
         # product) exist.  The fused backward kernel has no derivative of its own.
-        d = _loss_diff_torch(pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
-        dpred = (grad.to(d.dtype) * (2.0 / max(d.numel(), 1)) * d).to(pred.dtype)
+        dpred = _loss_grad_torch(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
     else:
         dpred = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
     dx0 = dnoise = None
