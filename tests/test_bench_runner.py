@@ -185,13 +185,17 @@ def test_tile_sweep_plumbing_on_the_interpreter(triton_path, tmp_path, monkeypat
     from leedl_fast.bench.cases import attention_tiles
 
     cases = list(attention_tiles.cases("cpu", quick=True))
-    assert [(c.mode, c.extra["varied"]) for c in cases] == [("fwd", "fwd"), ("fwd+bwd", "dkdv"), ("fwd+bwd", "dq")]
+    assert [(c.mode, c.extra["varied"]) for c in cases] == [("fwd", "fwd"), ("fwd+bwd", "dkdv"), ("fwd+bwd", "dq"),
+                                                            ("fwd+bwd", "padded")]
+    padded = cases[-1]
+    assert padded.shape["D"] == 20 and set(padded.peers) == {"dkdv M32 N16 w4 s1", "dq M32 N16 w4 s1",
+                                                            attention_tiles._ZERO_PAD}
     banded = list(attention_tiles._banded_case("cpu", 64, 16, (8, 8), torch.float32,
                                                {16: [(32, 16, 4, 1), (16, 32, 4, 1)]}, 64, 32))
     assert [c.window for c in banded] == [(8, 8)]
     for case in cases + banded:
         want = case.ours()
-        assert len(case.peers) == 2
+        assert len(case.peers) == (3 if case is padded else 2)
         for name, peer in case.peers.items():
             got = peer()
             for a, b in zip(want, got):
@@ -200,7 +204,7 @@ def test_tile_sweep_plumbing_on_the_interpreter(triton_path, tmp_path, monkeypat
     report = runner.run(quick=True, ops=["attention_tiles"], out=tmp_path, checks=False, device="cpu",
                         log=lambda m: None)
     rows = report["results"]
-    assert len(rows) == 6 and all(r["peer_ms"] and not r.get("error") for r in rows), rows
+    assert len(rows) == 9 and all(r["peer_ms"] and not r.get("error") for r in rows), rows
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])

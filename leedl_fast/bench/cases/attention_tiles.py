@@ -5,15 +5,17 @@ tile shapes of the Triton tutorial and FlashAttention-2, shrunk until they compi
 This module times them ("ours") against alternative tiles ("peers", named ``M<BLOCK_M> N<BLOCK_N>
 w<warps> s<stages>``) on the suite's main attention problem (bf16, B*N = 16k tokens, H*D = 2048,
 N = 4096): the forward at D = 64 and 128, causal and not; forward+backward at D = 128 with the
-dK/dV tile or the dQ tile varied (the other kernels keep their shipped tile); and the banded
-forward at D = 128, N = 16k, window (256, 256) (B*N = 64k tokens, as the suite's banded cases).  In the report a
+dK/dV tile or the dQ tile varied (the other kernels keep their shipped tile); forward+backward at
+the padded head dim 160 (``_padded_case``: the padded tiles against the full-width ones and against
+zero-padded copies); and the banded forward at D = 128, N = 16k, window (256, 256) (B*N = 64k
+tokens, as the suite's banded cases).  In the report a
 speedup below 1 is an alternative that beats the shipped tile; one that does not compile, spills
 or does not launch (shared memory) is recorded with its error.  A winner is adopted into
 ``_CONFIGS`` only after the AOT compile check passes for it (tests/kernels/test_attention_compile.py).
 
 Not part of a default run: every alternative is a Triton compile.  Run it as
 ``python bench/gpu_suite.py --ops attention_tiles``.  On the CPU under TRITON_INTERPRET=1 it times
-one tiny problem with two alternatives through the interpreter (the plumbing only; never a speed).
+tiny problems with a few alternatives through the interpreter (the plumbing only; never a speed).
 """
 from __future__ import annotations
 
@@ -123,10 +125,59 @@ def _banded_case(device: str, n: int, d: int, window, dtype, fwd_tiles, tokens: 
                window=window, extra={"ours_tile": _name(mine), "varied": "fwd"})
 
 
+# Padded head dims (kernel_head_dim(D) < BLOCK_D) take _CONFIGS_PADDED's tiles where the full-width
+# tile spilled.  At D = 160 on sm_90 the dK/dV tile had to give up HGMMA to stop spilling, which no
+# GPU has timed.  The alternatives: the full-width tiles, spills and HGMMA included (dK/dV 16 x 64 w8
+# s2: 8 LDL/STL; dQ 128 x 32 w8 s2: 8), and the whole forward and backward on a copy of q, k, v and
+# dO zero-padded to BLOCK_D (the copies and the slicing timed with it), where the kernels run the
+# full-width tiles unspilled.
+_PADDED_DKDV = [(16, 64, 8, 2)]
+_PADDED_DQ = [(128, 32, 8, 2)]
+_ZERO_PAD = "zero-pad to BLOCK_D"
+
+
+def _fwd_bwd_zero_padded(q, k, v, do, causal):
+    """``_fwd_bwd`` with the shipped tiles on copies of q, k, v, dO zero-padded to BLOCK_D; the outputs
+    sliced back to D (the scale stays 1/sqrt(D))."""
+    d = q.shape[-1]
+    scale, right, pad = d ** -0.5, 0 if causal else -1, A.block_d_for(d) - d
+
+    def run():
+        qp, kp, vp, dop = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v, do))
+        o, lse = A.attention_fwd(qp, kp, vp, scale=scale, left=-1, right=right, key_padding_mask=None,
+                                 dropout_p=0.0, seed=0)
+        grads = A.attention_bwd(dop, qp, kp, vp, o, lse, scale=scale, left=-1, right=right,
+                                key_padding_mask=None, dropout_p=0.0, seed=0)
+        return tuple(g[..., :d] for g in grads)
+    return run
+
+
+def _padded_case(device: str, n: int, d: int, dtype, dkdv_tiles, dq_tiles, causals, tokens=16384, width=2048):
+    """Forward+backward at a padded head dim: the shipped tiles against the full-width dK/dV and dQ tiles
+    and against running on zero-padded copies (``_fwd_bwd_zero_padded``)."""
+    q, k, v, do, shape = _problem(n, d, dtype, device, tokens, width)
+    shipped = {kern: _shipped(kern, q) for kern in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                                                     "_attention_bwd_dq_kernel")}
+    fwd, dkdv, dq = (shipped[k] for k in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                                           "_attention_bwd_dq_kernel"))
+    for causal in causals:
+        flops = 4 * shape["B"] * shape["H"] * n * n * d / (2 if causal else 1)
+        peers = {f"dkdv {_name(m)}": _fwd_bwd(q, k, v, do, causal, fwd, m, dq)
+                 for m in map(_meta, dkdv_tiles) if m != dkdv}
+        peers.update({f"dq {_name(m)}": _fwd_bwd(q, k, v, do, causal, fwd, dkdv, m)
+                      for m in map(_meta, dq_tiles) if m != dq})
+        peers[_ZERO_PAD] = _fwd_bwd_zero_padded(q, k, v, do, causal)
+        yield Case("attention_tiles", "fwd+bwd", dtype, shape, _fwd_bwd(q, k, v, do, causal, fwd, dkdv, dq), peers,
+                   flops=3.5 * flops, causal=causal,
+                   extra={"ours_tile": f"dkdv {_name(dkdv)}, dq {_name(dq)}", "varied": "padded"})
+
+
 def cases(device: str, quick: bool):
     if device.startswith("cuda"):
         yield from _cases(device, 4096, (64, 128), torch.bfloat16, _FWD, _DKDV, _DQ,
                           (False,) if quick else (False, True))
+        yield from _padded_case(device, 4096, 160, torch.bfloat16, _PADDED_DKDV, _PADDED_DQ,
+                                (False,) if quick else (False, True))
         if not quick:
             yield from _banded_case(device, 16384, 128, (256, 256), torch.bfloat16, _FWD, 65536, 2048)
     else:
@@ -136,3 +187,5 @@ def cases(device: str, quick: bool):
             yield from _cases(device, 64, (16,), torch.float32, {16: [(32, 16, 4, 1), (16, 32, 4, 1)]},
                               [(16, 32, 4, 1), (32, 16, 4, 1)], [(16, 16, 4, 1), (32, 16, 4, 1)], (False,),
                               tokens=64, width=32)
+            yield from _padded_case(device, 48, 20, torch.float32, [(32, 16, 4, 1)], [(32, 16, 4, 1)], (False,),
+                                    tokens=48, width=40)
