@@ -463,9 +463,11 @@ class TransformerEncoder(nn.Module):
     torch.nn.TransformerEncoder would run its nested-tensor path (``enable_nested_tensor`` and
     ``use_nested_tensor``, set from the layer as torch sets it; eval mode, no autograd, a key padding
     mask whose padding is at the end of each row when ``mask_check``, no ``mask``), the output is zero
-    at the padded positions before ``norm``, as torch's is.  (With ``mask_check=False`` and padding
-    elsewhere torch's path runs the first unpadded-count positions instead of the unpadded ones; here
-    the padded positions are zeroed.)"""
+    at the padded positions before ``norm``, as torch's is, and the padding is read as that path reads
+    it: a position is padded iff its mask is nonzero (a float mask's finite values are not added to the
+    scores there, as on torch's other paths, but drop their keys).  (With ``mask_check=False`` and
+    padding elsewhere torch's path runs the first unpadded-count positions instead of the unpadded
+    ones; here the padded positions are zeroed.)"""
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
                  enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
@@ -513,8 +515,12 @@ class TransformerEncoder(nn.Module):
             # the flag as a hint, as torch.nn.TransformerEncoder passes them.
             if all(isinstance(layer, TransformerEncoderLayer) for layer in self.layers):
                 mask = resolved
+        # On torch's nested-tensor path a position is padding iff its key padding mask is nonzero (True, or any
+        # nonzero float): the padded keys are dropped, whatever a float mask's values (elsewhere they are added to
+        # the scores).  There the layers take the same boolean mask.
+        kpm = src_key_padding_mask if zero is None else zero
         for layer in self.layers:
-            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=causal)
+            out = layer(out, src_mask=mask, src_key_padding_mask=kpm, is_causal=causal)
         if zero is not None:
             out = out.masked_fill(zero[..., None], 0.0)
         if self.norm is not None:
@@ -582,6 +588,12 @@ class TransformerDecoderLayer(nn.Module):
                                 ("tgt_key_padding_mask", tgt_key_padding_mask)):
                 if value is not None:
                     raise ValueError(f"{name} is not supported with cache= (decoding with a cache is causal)")
+            if memory_is_causal:
+                # A causal cross-attention is aligned on the full target length (query i sees memory positions
+                # j <= i + S - T), which a step of incremental decoding does not know; ignoring the flag would
+                # silently compute the non-causal cross-attention.
+                raise ValueError("memory_is_causal is not supported with cache= (the cross-attention of a decoding "
+                                 "step sees all of memory)")
             if cache.self_k is not None and cache.self_k.shape[0] != batch:
                 raise ValueError(f"cache holds a batch of {cache.self_k.shape[0]} sequences, tgt has {batch}: "
                                  f"use a new cache per batch")
@@ -631,8 +643,8 @@ class TransformerDecoder(nn.Module):
     self-attention sees the cached keys/values of every earlier position and is causal among the new ones; the
     cross-attention keys/values of ``memory`` are computed on the first call and reused, so pass the same
     ``memory`` each time.  The result equals the matching rows of a full causal decoding
-    (``tgt_is_causal=True``).  ``tgt_mask``, ``memory_mask`` and ``tgt_key_padding_mask`` are not accepted
-    with a cache.
+    (``tgt_is_causal=True``).  ``tgt_mask``, ``memory_mask``, ``tgt_key_padding_mask`` and
+    ``memory_is_causal=True`` are not accepted with a cache.
     """
 
     def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None) -> None:
