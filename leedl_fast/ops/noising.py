@@ -319,7 +319,10 @@ def _(pred, x0, t, alphas_cumprod, noise, seed, target):
 @torch.library.custom_op("leedl_fast::noise_prediction_loss_backward", mutates_args=())
 def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
                       alphas_cumprod: torch.Tensor, noise: torch.Tensor | None, seed: int,
-                      target: str) -> torch.Tensor:
+                      target: str, wide: bool = False) -> torch.Tensor:
+    """d loss / d pred in pred's dtype, or (``wide``) in the loss's own dtype, float32 or float64."""
+    if wide:
+        pred = pred.to(_loss_dtype(pred, x0))
     if x0.numel() == 0 or not _use_triton(pred, x0, noise):
         return _loss_grad_torch(grad, pred, x0, t, alphas_cumprod, noise, seed, target).contiguous()
     from leedl_fast.kernels.noising import loss_bwd
@@ -332,8 +335,8 @@ def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, 
 
 
 @_loss_backward_op.register_fake
-def _(grad, pred, x0, t, alphas_cumprod, noise, seed, target):
-    return pred.new_empty(pred.shape)
+def _(grad, pred, x0, t, alphas_cumprod, noise, seed, target, wide=False):
+    return pred.new_empty(pred.shape, dtype=_loss_dtype(pred, x0) if wide else pred.dtype)
 
 
 def _loss_setup(ctx, inputs, output):
@@ -344,21 +347,27 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, grad):
     pred, x0, t, alphas_cumprod, noise = ctx.saved_tensors
+    need_x0 = ctx.needs_input_grad[1] and ctx.target != "epsilon"
+    need_noise = noise is not None and ctx.needs_input_grad[4] and ctx.target != "sample"
+    # dx0 and dnoise scale d loss / d pred: take it in the loss's own dtype, not rounded to a pred of lower
+    # precision (an fp16 / bf16 model output, or float32 with a float64 x0), whose rounding they would carry,
+    # and whose underflow (2 (pred - target) / N is below fp16's 6e-8 for a close prediction) made them zero.
+    wide = (need_x0 or need_noise) and pred.dtype != _loss_dtype(pred, x0)
     if torch.is_grad_enabled():
         # A backward with create_graph=True: the gradient in differentiable PyTorch ops (the noise from
         # the same Philox stream), so that second derivatives (a gradient penalty, a Hessian-vector
         # product) exist.  The fused backward kernel has no derivative of its own.
-        dpred = _loss_grad_torch(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
+        g = _loss_grad_torch(grad, pred.to(_loss_dtype(pred, x0)) if wide else pred, x0, t, alphas_cumprod, noise,
+                             ctx.seed, ctx.target)
     else:
-        dpred = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
+        g = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target, wide)
+    dpred = g.to(pred.dtype)
     dx0 = dnoise = None
-    need_x0 = ctx.needs_input_grad[1] and ctx.target != "epsilon"
-    need_noise = noise is not None and ctx.needs_input_grad[4] and ctx.target != "sample"
     if need_x0 or need_noise:
         # d loss / d target = -d loss / d pred; target = cx x0 + ce eps with per-sample cx, ce.
-        acc = _acc(dpred.dtype)
+        acc = _acc(g.dtype)
         sa, sb = _sqrt_coefs(t, alphas_cumprod, acc, x0.dim())
-        g = dpred.to(acc)
+        g = g.to(acc)
         if need_x0:
             dx0 = (-g if ctx.target == "sample" else g * sb).to(x0.dtype)
         if need_noise:
@@ -408,10 +417,22 @@ def noise_prediction_loss(pred: torch.Tensor, x0: torch.Tensor, t, alphas_cumpro
 
 # ----------------------------------------------------------------------------- reverse steps
 
+def _div(a: float, b: float) -> float:
+    """a / b with IEEE semantics (x / 0 is +-inf, 0 / 0 NaN), as diffusers' tensors divide, where Python floats
+    raise ZeroDivisionError: a schedule whose abar_t is exactly 1 (1 - beta rounds to 1 in float32) or 0 (the
+    float32 product underflows) gives the NaN / inf steps diffusers gives instead of a sampler that cannot be
+    built."""
+    if b != 0:
+        return a / b
+    if a == 0 or a != a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
 def _x0_coefs(a_t: float, prediction_type: str) -> tuple[float, float]:
     """x0_hat = A x_t + B m for model output m."""
     if prediction_type == "epsilon":
-        return 1.0 / math.sqrt(a_t), -math.sqrt(1.0 - a_t) / math.sqrt(a_t)
+        return _div(1.0, math.sqrt(a_t)), _div(-math.sqrt(1.0 - a_t), math.sqrt(a_t))
     if prediction_type == "v_prediction":
         return math.sqrt(a_t), -math.sqrt(1.0 - a_t)
     return 0.0, 1.0
@@ -423,13 +444,13 @@ def ddpm_step_coefficients(a_t: float, a_prev: float, t: int, prediction_type: s
     from abar_t = ``a_t`` to abar_prev = ``a_prev`` (1.0 past the first step), in float64, and whether
     noise is added (t > 0, as diffusers)."""
     b_t, b_p = 1.0 - a_t, 1.0 - a_prev
-    alpha = a_t / a_prev
+    alpha = _div(a_t, a_prev)
     beta = 1.0 - alpha
     c0, c1 = _x0_coefs(a_t, prediction_type)
-    c2 = math.sqrt(a_prev) * beta / b_t          # posterior mean, x0 term (Ho et al. eq. 7)
-    c3 = math.sqrt(alpha) * b_p / b_t            # posterior mean, x_t term
+    c2 = _div(math.sqrt(a_prev) * beta, b_t)     # posterior mean, x0 term (Ho et al. eq. 7)
+    c3 = _div(math.sqrt(alpha) * b_p, b_t)       # posterior mean, x_t term
     if variance_type == "fixed_small":
-        sigma = math.sqrt(max(b_p / b_t * beta, 1e-20))
+        sigma = math.sqrt(max(_div(b_p, b_t) * beta, 1e-20))   # max(NaN, .) is NaN, as torch.clamp
     else:
         sigma = math.sqrt(beta)
     add_noise = t > 0
@@ -440,15 +461,15 @@ def ddim_step_coefficients(a_t: float, a_prev: float, prediction_type: str,
                            eta: float) -> tuple[tuple[float, ...], bool]:
     """The six coefficients of a DDIM step (Song et al. 2021, eq. 12) and whether noise is added (eta > 0)."""
     b_t, b_p = 1.0 - a_t, 1.0 - a_prev
-    variance = (b_p / b_t) * (1.0 - a_t / a_prev)
-    std = eta * math.sqrt(max(variance, 0.0))
+    variance = _div(b_p, b_t) * (1.0 - _div(a_t, a_prev))
+    std = eta * math.sqrt(max(variance, 0.0))    # NaN stays NaN (and eta = 0 times NaN too, as diffusers)
     c0, c1 = _x0_coefs(a_t, prediction_type)
     if prediction_type == "epsilon":
         e_x, e_m = 0.0, 1.0
     elif prediction_type == "v_prediction":
         e_x, e_m = math.sqrt(b_t), math.sqrt(a_t)
     else:  # eps_hat from the unclipped x0_hat = m, as diffusers
-        e_x, e_m = 1.0 / math.sqrt(b_t), -math.sqrt(a_t) / math.sqrt(b_t)
+        e_x, e_m = _div(1.0, math.sqrt(b_t)), _div(-math.sqrt(a_t), math.sqrt(b_t))
     direction = math.sqrt(max(1.0 - a_prev - std * std, 0.0))
     return (c0, c1, math.sqrt(a_prev), direction * e_x, direction * e_m, std), eta > 0
 
