@@ -1,7 +1,9 @@
-"""Test helpers: the per-dtype tolerance table, a comparison that explains itself, NaN poisoning."""
+"""Test helpers: the per-dtype tolerance table, a comparison that explains itself, NaN poisoning, the fuzz
+files' example counts."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -85,3 +87,30 @@ def poison_empty():
     finally:
         for name, fn in saved.items():
             setattr(torch, name, fn)
+
+
+# ----------------------------------------------------------------------------- fuzzing (tests/*/test_*_fuzz.py)
+
+# Any LEEDL_FUZZ_EXAMPLES* variable set: hunting for bugs (random examples, many), not CI (a fixed small set).
+FUZZ_HUNTING = any(k.startswith("LEEDL_FUZZ_EXAMPLES") and v for k, v in os.environ.items())
+
+
+def fuzz_count(suffix: str, ci: int, fraction: float = 1) -> int:
+    """Examples for one fuzz test: ``LEEDL_FUZZ_EXAMPLES_<suffix>`` when set, else ``LEEDL_FUZZ_EXAMPLES /
+    fraction`` when that is set, else ``ci``."""
+    own = os.environ.get(f"LEEDL_FUZZ_EXAMPLES_{suffix}")
+    if own:
+        return max(1, int(own))
+    base = os.environ.get("LEEDL_FUZZ_EXAMPLES")
+    return max(1, int(int(base) / fraction)) if base else ci
+
+
+def fuzz_settings(*suppress) -> dict:
+    """hypothesis settings shared by the fuzz tests: derandomized unless hunting, no deadline, no example
+    database; the health checks ``suppress`` names suppressed besides the function-scoped-fixture and
+    too-slow ones."""
+    from hypothesis import HealthCheck
+
+    return dict(deadline=None, derandomize=not FUZZ_HUNTING, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       *(getattr(HealthCheck, name) for name in suppress)])

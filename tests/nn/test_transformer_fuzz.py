@@ -55,19 +55,18 @@ Failures the fuzzing found are kept at the end as small regular tests (regressio
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import leedl_fast.nn.transformer as T
 from leedl_fast import nn as lnn
-from tests.harness import assert_close
+from tests.harness import assert_close, fuzz_count, fuzz_settings
 
 F64 = torch.float64
 NEG = float("-inf")
@@ -75,24 +74,13 @@ NEG = float("-inf")
 # ------------------------------------------------------------------------------ example counts
 
 
-def _count(suffix: str, ci: int, fraction: int) -> int:
-    own = os.environ.get(f"LEEDL_FUZZ_EXAMPLES_{suffix}")
-    if own:
-        return max(1, int(own))
-    base = os.environ.get("LEEDL_FUZZ_EXAMPLES")
-    return max(1, int(base) // fraction) if base else ci
+N_MODULES = fuzz_count("MODULES", 12, 1)          # per kind of module (7 kinds)
+N_CACHE = fuzz_count("CACHE", 15, 2)
+N_GENERATE = fuzz_count("GENERATE", 6, 4)
+N_TRITON = fuzz_count("TRITON", 1, 20)            # modules on the Triton path (the interpreter: ~2 s an example)
+N_TRITON_CACHE = fuzz_count("TRITON_CACHE", 1, 20)
 
-
-_HUNTING = any(k.startswith("LEEDL_FUZZ_EXAMPLES") and v for k, v in os.environ.items())
-N_MODULES = _count("MODULES", 12, 1)          # per kind of module (7 kinds)
-N_CACHE = _count("CACHE", 15, 2)
-N_GENERATE = _count("GENERATE", 6, 4)
-N_TRITON = _count("TRITON", 1, 20)            # modules on the Triton path (the interpreter: ~2 s an example)
-N_TRITON_CACHE = _count("TRITON_CACHE", 1, 20)
-
-_SETTINGS = dict(deadline=None, derandomize=not _HUNTING, database=None, print_blob=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                        HealthCheck.filter_too_much])
+_SETTINGS = fuzz_settings("filter_too_much")
 
 # A layer chains ~10 rounded operations (projections, softmax, layer norms, residuals) and its parameter gradients
 # sum batch * seq rounded products: 8x the single-op tolerance per layer (tests/nn/test_transformer.py's rule).
@@ -839,9 +827,6 @@ def test_fuzz_incremental_decoding(torch_path, c):
     _check_cache(c)
 
 
-@pytest.mark.skipif(not _HUNTING, reason="run when hunting (LEEDL_FUZZ_EXAMPLES*): in CI the interpreter's start-up "
-                                          "would cost a second worker seconds, and tests/nn/test_transformer.py::"
-                                          "test_incremental_decoding_triton covers the path")
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=N_TRITON_CACHE, **_SETTINGS)
 @given(c=cache_configs(triton=True))

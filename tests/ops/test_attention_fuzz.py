@@ -38,11 +38,11 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leedl_fast.ops import attention, attention_reference
-from tests.harness import assert_close
+from tests.harness import assert_close, fuzz_count, fuzz_settings
 
 attn_mod = importlib.import_module("leedl_fast.ops.attention")  # the package attribute is the function
 
@@ -51,22 +51,12 @@ F64 = torch.float64
 # ------------------------------------------------------------------------------ example counts
 
 
-def _count(suffix: str, ci: int, fraction: int) -> int:
-    own = os.environ.get(f"LEEDL_FUZZ_EXAMPLES_{suffix}")
-    if own:
-        return max(1, int(own))
-    base = os.environ.get("LEEDL_FUZZ_EXAMPLES")
-    return max(1, int(base) // fraction) if base else ci
+N_TORCH = fuzz_count("TORCH", 100, 1)
+N_OP = fuzz_count("OP", 10, 2)
+N_TRITON = fuzz_count("TRITON", 5, 5)
+N_COMPILE = fuzz_count("COMPILE", 3, 20)
 
-
-_HUNTING = any(k.startswith("LEEDL_FUZZ_EXAMPLES") and v for k, v in os.environ.items())
-N_TORCH = _count("TORCH", 100, 1)
-N_OP = _count("OP", 10, 2)
-N_TRITON = _count("TRITON", 5, 5)
-N_COMPILE = _count("COMPILE", 3, 20)
-
-_SETTINGS = dict(deadline=None, derandomize=not _HUNTING, database=None, print_blob=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_SETTINGS = fuzz_settings()
 
 
 # ------------------------------------------------------------------------------ problems
