@@ -660,6 +660,22 @@ def _coef_tensor(coefs, x_t: torch.Tensor) -> torch.Tensor:
     return torch.tensor(coefs, dtype=torch.float64).to(_acc(x_t.dtype)).to(x_t.device)
 
 
+def _table_entries(alphas_cumprod: torch.Tensor, t: int, prev_t: int, after_last: float,
+                   monotone: bool) -> tuple[float, float]:
+    """(abar_t, abar_prev) read from the table (``after_last`` past its start), as floats; ValueError naming
+    alphas_cumprod for entries outside [0, 1] (or NaN) and, with ``monotone``, for abar_t > abar_prev (DDPM's
+    beta_t = 1 - abar_t / abar_prev must be a probability), where a step would be NaN or a math domain error."""
+    a_t = float(alphas_cumprod[t])
+    a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(after_last)
+    for i, a in ((t, a_t), (prev_t, a_p)):
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"alphas_cumprod[{i}] = {a} is not in [0, 1]")
+    if monotone and a_t > a_p:
+        raise ValueError(f"alphas_cumprod must not increase with t: alphas_cumprod[{t}] = {a_t} > "
+                         f"alphas_cumprod[{prev_t}] = {a_p}")
+    return a_t, a_p
+
+
 def ddpm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
               prev_t: int | None = None, prediction_type: str = "epsilon", clip_sample: bool = True,
               clip_sample_range: float = 1.0, variance_type: str = "fixed_small",
@@ -674,8 +690,7 @@ def ddpm_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
     clip = _check_clip(clip_sample, clip_sample_range)
-    a_t = float(alphas_cumprod[t])
-    a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
+    a_t, a_p = _table_entries(alphas_cumprod, t, prev_t, 1.0, monotone=True)
     coefs, add_noise = ddpm_step_coefficients(a_t, a_p, t, prediction_type, variance_type)
     return fused_step(model_output, x_t, _coef_tensor(coefs, x_t), add_noise=add_noise,
                       clip_range=clip, noise=noise, seed=seed)
@@ -695,8 +710,7 @@ def ddim_step(model_output: torch.Tensor, t: int, x_t: torch.Tensor, alphas_cump
     clip = _check_clip(clip_sample, clip_sample_range)
     if prev_t < 0:
         check_number("final_alpha_cumprod", final_alpha_cumprod, 0, 1, lo_open=True)
-    a_t = float(alphas_cumprod[t])
-    a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(final_alpha_cumprod)
+    a_t, a_p = _table_entries(alphas_cumprod, t, prev_t, final_alpha_cumprod, monotone=False)
     coefs, add_noise = ddim_step_coefficients(a_t, a_p, prediction_type, float(eta))
     return fused_step(model_output, x_t, _coef_tensor(coefs, x_t), add_noise=add_noise,
                       clip_range=clip, noise=noise, seed=seed)

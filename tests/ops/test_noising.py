@@ -549,6 +549,26 @@ def test_step_argument_errors(kw, match):
             ddpm_step(x, 0, x, ac, **kw)
 
 
+@pytest.mark.parametrize("table,match", [
+    ([0.9, 0.95, 0.5], "must not increase"),          # abar_1 > abar_0: DDPM's beta_1 < 0 (sqrt of it: math domain error)
+    ([0.9, 0.8, 1.5], r"alphas_cumprod\[2\] = 1.5"),
+    ([0.9, -0.1, 0.5], r"alphas_cumprod\[1\] = -0.1"),
+    ([0.9, float("nan"), 0.5], r"alphas_cumprod\[1\] = nan"),
+], ids=["increasing", "above_one", "negative", "nan"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_step_refuses_an_invalid_table(torch_path, table, match, variance_type):
+    """A custom alphas_cumprod whose entries at t and prev_t are not probabilities (or, for DDPM, increase with
+    t) is a ValueError naming it, not a math domain error or a NaN step."""
+    ac = torch.tensor(table)
+    x = torch.randn(2, 3)
+    t = 2 if "increase" not in match else 1
+    with pytest.raises(ValueError, match=match):
+        ddpm_step(x, t, x, ac, prev_t=t - 1, variance_type=variance_type, noise=x)
+    if "increase" not in match:
+        with pytest.raises(ValueError, match=match):
+            ddim_step(x, t, x, ac, prev_t=t - 1, eta=0.5, noise=x)
+
+
 def test_step_opcheck_with_gradients(torch_path):
     x, m, z = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
     coef = torch.tensor([1.2, -0.4, 0.9, 0.3, 0.1, 0.05], dtype=torch.float64)
