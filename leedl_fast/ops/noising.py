@@ -319,10 +319,7 @@ def _(pred, x0, t, alphas_cumprod, noise, seed, target):
 @torch.library.custom_op("leedl_fast::noise_prediction_loss_backward", mutates_args=())
 def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
                       alphas_cumprod: torch.Tensor, noise: torch.Tensor | None, seed: int,
-                      target: str, wide: bool = False) -> torch.Tensor:
-    """d loss / d pred in pred's dtype, or (``wide``) in the loss's own dtype, float32 or float64."""
-    if wide:
-        pred = pred.to(_loss_dtype(pred, x0))
+                      target: str) -> torch.Tensor:
     if x0.numel() == 0 or not _use_triton(pred, x0, noise):
         return _loss_grad_torch(grad, pred, x0, t, alphas_cumprod, noise, seed, target).contiguous()
     from leedl_fast.kernels.noising import loss_bwd
@@ -335,8 +332,8 @@ def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, x0: torch.Tensor, 
 
 
 @_loss_backward_op.register_fake
-def _(grad, pred, x0, t, alphas_cumprod, noise, seed, target, wide=False):
-    return pred.new_empty(pred.shape, dtype=_loss_dtype(pred, x0) if wide else pred.dtype)
+def _(grad, pred, x0, t, alphas_cumprod, noise, seed, target):
+    return pred.new_empty(pred.shape)
 
 
 def _loss_setup(ctx, inputs, output):
@@ -352,15 +349,15 @@ def _loss_backward(ctx, grad):
     # dx0 and dnoise scale d loss / d pred: take it in the loss's own dtype, not rounded to a pred of lower
     # precision (an fp16 / bf16 model output, or float32 with a float64 x0), whose rounding they would carry,
     # and whose underflow (2 (pred - target) / N is below fp16's 6e-8 for a close prediction) made them zero.
-    wide = (need_x0 or need_noise) and pred.dtype != _loss_dtype(pred, x0)
+    # Both gradients below come out in the dtype of the pred they are given.
+    wide = pred.to(_loss_dtype(pred, x0)) if need_x0 or need_noise else pred
     if torch.is_grad_enabled():
         # A backward with create_graph=True: the gradient in differentiable PyTorch ops (the noise from
         # the same Philox stream), so that second derivatives (a gradient penalty, a Hessian-vector
         # product) exist.  The fused backward kernel has no derivative of its own.
-        g = _loss_grad_torch(grad, pred.to(_loss_dtype(pred, x0)) if wide else pred, x0, t, alphas_cumprod, noise,
-                             ctx.seed, ctx.target)
+        g = _loss_grad_torch(grad, wide, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
     else:
-        g = _loss_backward_op(grad, pred, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target, wide)
+        g = _loss_backward_op(grad, wide, x0, t, alphas_cumprod, noise, ctx.seed, ctx.target)
     dpred = g.to(pred.dtype)
     dx0 = dnoise = None
     if need_x0 or need_noise:
