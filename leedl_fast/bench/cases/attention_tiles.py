@@ -49,6 +49,9 @@ def _name(meta: dict) -> str:
     return f"M{meta['BLOCK_M']} N{meta['BLOCK_N']} w{meta.get('num_warps', '-')} s{meta.get('num_stages', '-')}"
 
 
+_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
+
+
 def _shipped(kernel: str, q: torch.Tensor) -> dict:
     meta = A._config(kernel, q, A.block_d_for(q.shape[-1]), None)
     return {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg") if k in meta}
@@ -85,8 +88,7 @@ def _problem(n: int, d: int, dtype, device, tokens: int, width: int):
 def _cases(device: str, n: int, dims, dtype, fwd_tiles, dkdv_tiles, dq_tiles, causals, tokens=16384, width=2048):
     for d in dims:
         q, k, v, do, shape = _problem(n, d, dtype, device, tokens, width)
-        shipped = {kern: _shipped(kern, q) for kern in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
-                                                         "_attention_bwd_dq_kernel")}
+        shipped = {kern: _shipped(kern, q) for kern in _KERNELS}
         for causal in causals:
             flops = 4 * shape["B"] * shape["H"] * n * n * d / (2 if causal else 1)
             mine = shipped["_attention_fwd_kernel"]
@@ -156,10 +158,7 @@ def _padded_case(device: str, n: int, d: int, dtype, dkdv_tiles, dq_tiles, causa
     """Forward+backward at a padded head dim: the shipped tiles against the full-width dK/dV and dQ tiles
     and against running on zero-padded copies (``_fwd_bwd_zero_padded``)."""
     q, k, v, do, shape = _problem(n, d, dtype, device, tokens, width)
-    shipped = {kern: _shipped(kern, q) for kern in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
-                                                     "_attention_bwd_dq_kernel")}
-    fwd, dkdv, dq = (shipped[k] for k in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
-                                           "_attention_bwd_dq_kernel"))
+    fwd, dkdv, dq = (_shipped(kern, q) for kern in _KERNELS)
     for causal in causals:
         flops = 4 * shape["B"] * shape["H"] * n * n * d / (2 if causal else 1)
         peers = {f"dkdv {_name(m)}": _fwd_bwd(q, k, v, do, causal, fwd, m, dq)
