@@ -664,7 +664,7 @@ def _table_entries(alphas_cumprod: torch.Tensor, t: int, prev_t: int, after_last
     beta_t = 1 - abar_t / abar_prev must be a probability), where a step would be NaN or a math domain error."""
     a_t = float(alphas_cumprod[t])
     a_p = float(alphas_cumprod[prev_t]) if prev_t >= 0 else float(after_last)
-    for i, a in ((t, a_t), (prev_t, a_p)):
+    for i, a in ((t, a_t), (prev_t, a_p))[: 2 if prev_t >= 0 else 1]:   # after_last is the caller's to check
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"alphas_cumprod[{i}] = {a} is not in [0, 1]")
     if monotone and a_t > a_p:
